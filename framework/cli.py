@@ -1,0 +1,208 @@
+"""The ``fw`` command: LightningCLI (fit, validate, test, predict) plus fw's own subcommands.
+
+    fw fit --config recipes/quickstart.yaml
+    fw test --config recipes/quickstart.yaml --ckpt_path runs/quickstart/.../last.ckpt
+    fw methods                       # installed method plugins
+    fw inspect --config RECIPE       # the modified module tree and parameter counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import netrc
+import os
+import sys
+import warnings
+from typing import Any
+
+import yaml
+from jsonargparse import get_loader, set_loader
+from lightning.pytorch import LightningDataModule, seed_everything
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from framework import data as _data  # noqa: F401  (short class names in recipes: ClassificationData, ...)
+from framework import registry
+from framework.module import PeftModule
+from framework.predictions import PredictionWriter
+from framework.summary import RunSummary
+
+
+_YAML_LOADER = get_loader("yaml")
+
+
+def _yaml_with_method_names(text: str) -> Any:
+    """jsonargparse's YAML loader, plus registered method names as class paths."""
+    return registry.resolve_names(_YAML_LOADER(text))
+
+
+class FwSaveConfig(SaveConfigCallback):
+    """Saves config.yaml in the log dir (as Lightning does) and logs the full config to every logger."""
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": yaml.safe_load(config)})
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+class FwCLI(LightningCLI):
+    """LightningCLI with fw's defaults: summary at the end, test after fit, W&B offline without a key."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="after `fit`, evaluate on the test split (when the data has one)",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        loggers = config.trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if not hasattr(logger, "class_path") or not str(logger.class_path).endswith("WandbLogger"):
+                continue
+            args = logger.init_args
+            if not args.get("offline") and "WANDB_MODE" not in os.environ and not _wandb_has_credentials():
+                args["offline"] = True
+                print("fw: no W&B API key found; the W&B run is written offline (sync it later with `wandb sync`)")
+            if not args.get("save_dir"):
+                args["save_dir"] = config.trainer.get("default_root_dir") or "."
+
+    def _summary(self) -> RunSummary | None:
+        return next((cb for cb in self.trainer.callbacks if isinstance(cb, RunSummary)), None)
+
+    def _report(self) -> None:
+        summary = self._summary()
+        if summary is not None:
+            summary.write(self.trainer, self.model)
+
+    def after_fit(self) -> None:
+        config = self.config[self.subcommand]
+        has_test = hasattr(self.datamodule, "test_dataloader") and self.datamodule is not None
+        if config.get("test_after_fit") and has_test and not self.trainer.interrupted:
+            self.trainer.test(self.model, datamodule=self.datamodule)
+        self._report()
+
+    def after_validate(self) -> None:
+        self._report()
+
+    def after_test(self) -> None:
+        self._report()
+
+
+def cli_main(argv: list[str]) -> FwCLI:
+    set_loader("yaml", _yaml_with_method_names)
+    # fw passes the command line as `args` after rewriting registered method names
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    return FwCLI(
+        PeftModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        save_config_callback=FwSaveConfig,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [RunSummary(), PredictionWriter()]},
+        auto_configure_optimizers=False,
+        args=registry.resolve_cli_names(argv),
+    )
+
+
+# -- fw methods ---------------------------------------------------------------------------
+
+
+def methods_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fw methods", description="List the installed method plugins.")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    plugins = registry.discover()
+    if args.json:
+        rows = [
+            {"name": p.name, "package": p.distribution, "class_path": p.class_path, "description": p.description}
+            for p in plugins.values()
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    width_name = max([4, *(len(n) for n in plugins)])
+    width_pkg = max([7, *(len(p.distribution) for p in plugins.values())])
+    print(f"{'name':<{width_name}}  {'package':<{width_pkg}}  description")
+    for p in plugins.values():
+        print(f"{p.name:<{width_name}}  {p.distribution:<{width_pkg}}  {p.description}")
+    return 0
+
+
+# -- fw inspect ---------------------------------------------------------------------------
+
+
+def build_module(model_config: dict[str, Any], overrides: list[str] | None = None) -> PeftModule:
+    """A PeftModule from the ``model`` section of a recipe (as LightningCLI would build it)."""
+    set_loader("yaml", _yaml_with_method_names)
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(PeftModule, "model")
+    args = ["--model", json.dumps(registry.resolve_names(model_config)), *registry.resolve_cli_names(overrides or [])]
+    config = parser.parse_args(args)
+    return parser.instantiate_classes(config).model
+
+
+def inspect_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fw inspect",
+        description="Build the recipe's backbone, attach its method, train nothing; print the modified "
+        "module tree and the parameter counts. Extra --model.* arguments override the recipe.",
+    )
+    parser.add_argument("-c", "--config", action="append", required=True, help="recipe (YAML); may repeat")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args, overrides = parser.parse_known_args(argv)
+    model_config: dict[str, Any] = {}
+    seed = 0
+    for path in args.config:
+        with open(path) as f:
+            recipe = yaml.safe_load(f) or {}
+        _deep_update(model_config, recipe.get("model") or {})
+        seed = recipe.get("seed_everything", seed) or 0
+    if not model_config:
+        parser.error(f"{args.config[-1]}: the recipe has no `model` section")
+    seed_everything(seed, verbose=False)
+    module = build_module(model_config, overrides)
+    if args.json:
+        report = {
+            "method": type(module.method).__name__ if module.method is not None else None,
+            **module.param_counts().as_dict(),
+            "modified_modules": module.modified_modules(),
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        print(module.summary_text())
+    return 0
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+COMMANDS = {"methods": methods_main, "inspect": inspect_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    registry.discover()  # every fw.methods entry point is imported before parsing
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    cli_main(argv)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

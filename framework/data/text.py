@@ -1,0 +1,208 @@
+"""The shared part of fw's DataModules: load, split, subsample, tokenize, batch.
+
+Data comes from one of
+
+- ``data_files``: local csv/tsv/json/jsonl/parquet files per split
+  (``{train: a.csv, validation: b.csv, test: c.csv}``);
+- ``dataset``: a packaged corpus (``rotten_tomatoes``, ``bbc_news``, ``bbc_headlines``; see
+  :mod:`framework.data.packaged`), a local folder ``datasets`` can load, or a hub id.
+
+Splits the source lacks are cut from ``train``: grouped by ``group_column`` when one is
+named (no group straddles two splits, e.g. no movie's reviews leak into the test set), else
+at random, with ``seed``. The tokenizer is the backbone's; the PeftModule hands it over.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from framework.data.packaged import PACKAGED
+
+SPLITS = ("train", "validation", "test")
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def grouped_split(
+    data: datasets.Dataset, fractions: dict[str, float], group_column: str | None, seed: int
+) -> dict[str, datasets.Dataset]:
+    """Cut ``data`` into splits holding about ``fractions`` of its rows, whole groups at a time.
+
+    Groups (or single rows, without ``group_column``) are visited in a seeded random order;
+    each fills the first split still short of its share, and ``train`` takes the rest.
+    """
+    if group_column is None:
+        keys = np.arange(len(data))
+    else:
+        if group_column not in data.column_names:
+            raise ValueError(f"data.group_column: no column '{group_column}'; columns: {data.column_names}")
+        keys = np.asarray(data[group_column])
+    groups, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    targets = {name: share * len(data) for name, share in fractions.items() if name != "train"}
+    filled = dict.fromkeys(targets, 0)
+    split_of_group = np.full(len(groups), "train", dtype=object)
+    for group in np.random.default_rng(seed).permutation(len(groups)):
+        for name, target in targets.items():
+            if filled[name] < target:
+                split_of_group[group] = name
+                filled[name] += counts[group]
+                break
+    assignment = split_of_group[inverse]
+    return {name: data.select(np.flatnonzero(assignment == name)) for name in ["train", *targets]}
+
+
+class TextDataModule(LightningDataModule):
+    """Base DataModule for text tasks; subclasses say how an example is encoded."""
+
+    def __init__(
+        self,
+        dataset: str | None = None,
+        data_files: dict[str, str] | None = None,
+        group_column: str | None = None,
+        validation_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        max_train_examples: int | None = None,
+        max_eval_examples: int | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if (dataset is None) == (data_files is None):
+            raise ValueError(
+                "data: give exactly one of `dataset` (a packaged corpus: "
+                f"{', '.join(PACKAGED)}; a local folder; or a hub id) or `data_files` (local files per split)"
+            )
+        if data_files is not None:
+            unknown = sorted(set(data_files) - set(SPLITS))
+            if unknown or "train" not in data_files and len(data_files) < len(SPLITS):
+                raise ValueError(
+                    f"data.data_files: keys must be among {list(SPLITS)} and include train "
+                    f"(or all of validation/test); got {sorted(data_files)}"
+                )
+            for split, path in data_files.items():
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"data.data_files.{split}: missing data file '{path}'")
+                if Path(path).suffix not in FILE_FORMATS:
+                    raise ValueError(
+                        f"data.data_files.{split}: '{path}' is not one of {sorted(FILE_FORMATS)}"
+                    )
+        for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"data.{name}: expected a fraction in [0, 1), got {value}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size: expected >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.data_files = data_files
+        self.group_column = group_column
+        self.validation_fraction = validation_fraction
+        self.test_fraction = test_fraction
+        self.max_train_examples = max_train_examples
+        self.max_eval_examples = max_eval_examples
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer: Any = None  # set by the PeftModule (or by hand) before setup
+        self.raw: dict[str, datasets.Dataset] | None = None
+        self.encoded: dict[str, datasets.Dataset] | None = None
+
+    # -- loading --------------------------------------------------------------------------
+
+    def load_raw(self) -> dict[str, datasets.Dataset]:
+        """The train/validation/test splits as raw rows (cut and subsampled, not tokenized)."""
+        if self.raw is not None:
+            return self.raw
+        if self.data_files is not None:
+            fmt = FILE_FORMATS[Path(next(iter(self.data_files.values()))).suffix]
+            kwargs = {"delimiter": "\t"} if fmt == "csv" and any(p.endswith(".tsv") for p in self.data_files.values()) else {}
+            source = datasets.load_dataset(fmt, data_files=dict(self.data_files), **kwargs)
+        elif self.dataset in PACKAGED:
+            source = PACKAGED[self.dataset]()
+        else:
+            try:
+                source = datasets.load_dataset(self.dataset)
+            except Exception as err:
+                raise ValueError(
+                    f"data.dataset: '{self.dataset}' is not a packaged corpus ({', '.join(PACKAGED)}), "
+                    f"and datasets could not load it as a folder or hub id: {err}"
+                ) from err
+        splits = {name: source[name] for name in SPLITS if name in source}
+        if "validation" not in splits and "valid" in source:
+            splits["validation"] = source["valid"]
+        missing = [s for s in ("validation", "test") if s not in splits]
+        if missing:
+            if "train" not in splits:
+                raise ValueError(f"data: the source has no train split to cut {missing} from")
+            fractions = {"validation": self.validation_fraction, "test": self.test_fraction}
+            cut = grouped_split(splits["train"], {s: fractions[s] for s in missing}, self.group_column, self.seed)
+            splits.update(cut)
+        splits = {k: self._subsample(k, v) for k, v in splits.items()}
+        self.raw = splits
+        return splits
+
+    def _subsample(self, split: str, data: datasets.Dataset) -> datasets.Dataset:
+        limit = self.max_train_examples if split == "train" else self.max_eval_examples
+        if limit is not None and len(data) > limit:
+            data = data.shuffle(seed=self.seed).select(range(limit))
+        return data
+
+    # -- encoding -------------------------------------------------------------------------
+
+    @abstractmethod
+    def encode(self, split: str, data: datasets.Dataset) -> datasets.Dataset:
+        """Tokenize one split (columns the collator turns into tensors)."""
+
+    @abstractmethod
+    def collate(self, split: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pad a list of encoded rows into a batch."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.encoded is not None:
+            return
+        if self.tokenizer is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            self.tokenizer = getattr(module, "tokenizer", None)
+        if self.tokenizer is None:
+            raise RuntimeError("data: no tokenizer; the PeftModule hands over the backbone's before setup")
+        raw = self.load_raw()
+        self.encoded = {split: self.encode(split, data) for split, data in raw.items()}
+
+    # -- loaders --------------------------------------------------------------------------
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int, collate_split: str | None = None) -> DataLoader:
+        assert self.encoded is not None, "call setup() first"
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.encoded[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+            num_workers=self.num_workers,
+            collate_fn=lambda rows: self.collate(collate_split or split, rows),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size, collate_split="predict")
+
+    def split_sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.load_raw().items()}

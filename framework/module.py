@@ -1,0 +1,250 @@
+"""PeftModule: backbone + method + task + optimizer, as one LightningModule.
+
+Building it freezes the backbone, lets the method attach, and unfreezes the task head
+(configurable). Checkpoints hold only what trains (the method's weights and the head),
+the method's hyper-parameters and the backbone's identity; never the frozen base.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from framework.backbone import Backbone
+from framework.config import to_config
+from framework.measure import ParamCounts, count_params, numel
+from framework.method import PeftMethod
+from framework.targeting import head_module_names
+from framework.tasks import Classification, Task
+from framework.tree import render_tree
+
+CHECKPOINT_KEY = "fw"
+
+
+class PeftModule(LightningModule):
+    """Fine-tunes ``backbone`` on ``task`` with ``method``.
+
+    Args:
+        backbone: the transformers model (pretrained ``name_or_path`` or random-init ``config``).
+        method: the PEFT method plugin; None trains every weight (full fine-tuning).
+        task: what is predicted: ``Classification`` or ``CausalLM``.
+        train_head: train the task head (None: the task's default, yes for classification).
+        learning_rate: AdamW's peak learning rate.
+        weight_decay: AdamW's decoupled weight decay (matrices only, not biases and norms).
+        warmup_ratio: fraction of the training steps with a linear warm-up.
+        scheduler: learning-rate decay after warm-up.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: PeftMethod | None = None,
+        task: Task | None = None,
+        train_head: bool | None = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.06,
+        scheduler: Literal["linear", "cosine", "constant"] = "linear",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise ValueError(f"model.learning_rate: expected > 0, got {learning_rate}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"model.warmup_ratio: expected a fraction in [0, 1), got {warmup_ratio}")
+        task = task if task is not None else Classification()
+        self.backbone = backbone
+        self.method = method
+        self.task = task
+        self.train_head = task.train_head_default if train_head is None else train_head
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.scheduler = scheduler
+        self.save_hyperparameters(
+            to_config(
+                {
+                    "backbone": backbone,
+                    "method": method,
+                    "task": task,
+                    "train_head": train_head,
+                    "learning_rate": learning_rate,
+                    "weight_decay": weight_decay,
+                    "warmup_ratio": warmup_ratio,
+                    "scheduler": scheduler,
+                    "gradient_checkpointing": gradient_checkpointing,
+                }
+            )
+        )
+
+        self.model = backbone.build(task.auto_model_class(), **task.model_kwargs())
+        self.backbone_params = numel(self.model.parameters())
+        self.head_names = head_module_names(self.model)
+        if method is not None:
+            self.model.requires_grad_(False)
+            method.attach(self.model)
+            if not any(p.requires_grad for p in self.model.parameters()):
+                raise RuntimeError(f"{type(method).__name__}.attach() left no parameter trainable")
+        for name in self.head_names:
+            if method is not None or not self.train_head:
+                self.model.get_submodule(name).requires_grad_(self.train_head)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        self.train_metrics = task.metrics()
+        self.val_metrics = task.metrics()
+        self.test_metrics = task.metrics()
+        self._tokenizer: Any = None
+
+    # -- facts about the run --------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = self.backbone.load_tokenizer()
+        return self._tokenizer
+
+    def param_counts(self) -> ParamCounts:
+        return count_params(self.model, self.method, self.backbone_params)
+
+    def modified_modules(self) -> dict[str, str]:
+        modified = dict(self.method.modified_modules) if self.method is not None else {}
+        for name in self.head_names:
+            head = self.model.get_submodule(name)
+            if any(p.requires_grad for p in head.parameters()):
+                modified[name] = f"task head, trainable (+{numel(head.parameters()):,})"
+        return modified
+
+    def summary_text(self) -> str:
+        counts = self.param_counts()
+        method = type(self.method).__name__ if self.method is not None else "full fine-tuning"
+        lines = [
+            render_tree(self.model, self.modified_modules()),
+            "",
+            f"method: {method}",
+            f"backbone parameters:  {counts.backbone_params:>14,}",
+            f"trainable parameters: {counts.trainable_params:>14,}  ({counts.percent('trainable_params'):.4f} %)",
+            f"method parameters:    {counts.method_params:>14,}  ({counts.percent('method_params'):.4f} %)",
+            f"stored parameters:    {counts.stored_params:>14,}  ({counts.percent('stored_params'):.4f} %)",
+        ]
+        return "\n".join(lines)
+
+    # -- Lightning hooks ------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "tokenizer", "absent") is None:
+            datamodule.tokenizer = self.tokenizer
+        names = getattr(datamodule, "label_names", None) if isinstance(self.task, Classification) else None
+        if names is not None and len(names) > self.task.num_labels:
+            raise ValueError(
+                f"model.task.num_labels: the data has {len(names)} classes ({', '.join(names[:10])}) "
+                f"but num_labels is {self.task.num_labels}; set model.task.num_labels: {len(names)}"
+            )
+        if stage == "fit" and self.method is not None:
+            self.method.prepare(self, datamodule)
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(self.summary_text())
+        if self.logger is not None:
+            counts = {f"params/{k}": v for k, v in self.param_counts().as_dict().items()}
+            for logger in self.loggers:
+                logger.log_hyperparams(counts)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.task.step(self.model, batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        loss, outputs = self.task.step(self.model, batch)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        self.task.update_metrics(metrics, batch, outputs)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=self._batch_size(batch))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_metrics(self, stage: str) -> None:
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        values = metrics.compute()
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        records = self.task.predict(self.model, batch, self.tokenizer)
+        if "text" in batch:
+            for record, text in zip(records, batch["text"]):
+                record["text"] = text
+        return records
+
+    def on_after_backward(self) -> None:
+        if self.method is not None:
+            self.method.on_after_backward(self.model)
+
+    @staticmethod
+    def _batch_size(batch: dict[str, Any]) -> int:
+        first = batch.get("input_ids", next(iter(batch.values())))
+        return len(first)
+
+    # -- optimization ---------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        from transformers import get_scheduler
+
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.learning_rate,
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        name = {"constant": "constant_with_warmup"}.get(self.scheduler, self.scheduler)
+        schedule = get_scheduler(
+            name, optimizer, num_warmup_steps=int(self.warmup_ratio * total), num_training_steps=total
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- adapter-only checkpoints ---------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What training changes: the method's weights and the trainable head (keys as in the model)."""
+        if self.method is None:
+            return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        return self.method.trainable_state_dict(self.model)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.adapter_state_dict().items()}
+        checkpoint[CHECKPOINT_KEY] = {
+            "method": to_config(self.method),
+            "backbone": self.backbone.identity(),
+            "task": to_config(self.task),
+            "param_counts": self.param_counts().as_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load an adapter-only state dict (keys ``model.<name>``) on top of the backbone."""
+        foreign = [k for k in state_dict if not k.startswith("model.")]
+        if foreign:
+            raise KeyError(f"checkpoint keys outside the model: {foreign[:5]}")
+        weights = {k[len("model.") :]: v for k, v in state_dict.items()}
+        if self.method is None:
+            return self.model.load_state_dict(weights, strict=False)
+        self.method.load_trainable_state_dict(self.model, weights)
+        return None

@@ -1,0 +1,52 @@
+"""The Task interface: the part of a run that depends on what is predicted."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+
+
+class Task(ABC):
+    """What the backbone is fine-tuned to do.
+
+    A task picks the transformers auto class (which head the backbone gets), computes the
+    loss, owns the metrics and turns outputs into predictions.
+    """
+
+    #: transformers auto class that builds the backbone with this task's head
+    auto_class: str = ""
+    #: whether the task head trains by default (a classifier does; a tied LM head does not)
+    train_head_default: bool = True
+    #: Hugging Face PEFT's task_type for this task (for ``fw export``)
+    peft_task_type: str = ""
+    #: the metric that model selection and summaries lead with
+    main_metric: str = ""
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Extra arguments for ``from_pretrained``/``from_config`` (e.g. ``num_labels``)."""
+        return {}
+
+    def auto_model_class(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    @abstractmethod
+    def metrics(self) -> MetricCollection:
+        """Fresh metrics for one stage (the module clones them per stage)."""
+
+    @abstractmethod
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """Forward pass: the loss and the model outputs."""
+
+    @abstractmethod
+    def update_metrics(self, metrics: MetricCollection, batch: dict[str, torch.Tensor], outputs: Any) -> None:
+        """Feed one batch's outputs to the metrics."""
+
+    @abstractmethod
+    def predict(self, model: nn.Module, batch: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
+        """One record per example (what ``fw predict`` writes)."""

@@ -1,0 +1,83 @@
+"""Causal-LM supervised fine-tuning on prompt/response pairs; loss on response tokens only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+
+from framework.tasks.base import Task
+
+
+class Perplexity(MeanMetric):
+    """exp of the token-weighted mean NLL (torchmetrics' MeanMetric does the aggregation)."""
+
+    def compute(self) -> torch.Tensor:
+        return super().compute().exp()
+
+
+class CausalLM(Task):
+    """Supervised fine-tuning of a decoder: the labels mask the prompt (and padding) with -100.
+
+    Args:
+        max_new_tokens: how many tokens ``fw predict`` generates per prompt.
+        do_sample: sample instead of greedy decoding.
+        temperature: sampling temperature (with ``do_sample``).
+        top_p: nucleus sampling threshold (with ``do_sample``).
+    """
+
+    auto_class = "AutoModelForCausalLM"
+    train_head_default = False  # the LM head is usually tied to the input embeddings
+    peft_task_type = "CAUSAL_LM"
+    main_metric = "perplexity"
+
+    def __init__(
+        self, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0
+    ) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"model.task.max_new_tokens: expected >= 1, got {max_new_tokens}")
+        self.max_new_tokens = max_new_tokens
+        self.do_sample = do_sample
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({"perplexity": Perplexity(), "token_loss": MeanMetric()})
+
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        logits = model(**inputs).logits
+        # next-token prediction: position t predicts token t+1; prompt and padding carry -100
+        labels = batch["labels"][:, 1:]
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100
+        )
+        return loss, (loss.detach(), (labels != -100).sum())
+
+    def update_metrics(self, metrics: MetricCollection, batch: dict[str, torch.Tensor], outputs: Any) -> None:
+        loss, tokens = outputs
+        metrics.update(loss, weight=tokens)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
+        prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        generated = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature if self.do_sample else None,
+            top_p=self.top_p if self.do_sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = generated[:, prompt_ids.shape[1] :]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        records = []
+        for i, text in enumerate(texts):
+            record: dict[str, Any] = {"generated": text.strip()}
+            if "reference" in batch:
+                record["reference"] = batch["reference"][i]
+            records.append(record)
+        return records

@@ -1,0 +1,80 @@
+"""The LoRA layer: a frozen Linear (or GPT-2 Conv1D) plus a trainable low-rank update."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def linear_dims(layer: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of nn.Linear, bnb linears or GPT-2's Conv1D."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features, False
+    if type(layer).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight is (in, out)
+        return layer.weight.shape[0], layer.weight.shape[1], True
+    raise TypeError(f"LoRA wraps nn.Linear or GPT-2 Conv1D modules, not {type(layer).__name__}")
+
+
+class LoRALinear(nn.Module):
+    """``y = base(x) + (dropout(x) @ A^T) * scaling @ B^T`` with A (r, in), B (out, r).
+
+    A starts kaiming-uniform (a=sqrt(5)) and B at zero, so the wrapped layer starts equal to
+    the base. The scaling multiplies the rank-r activations, the cheapest place for it.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        in_features, out_features, self.fan_in_fan_out = linear_dims(base_layer)
+        self.base_layer = base_layer
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        device = base_layer.weight.device
+        dtype = dtype or (base_layer.weight.dtype if base_layer.weight.is_floating_point() else torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        a = self.lora_A
+        h = F.linear(self.lora_dropout(x).to(a.dtype), a) * self.scaling
+        return out + F.linear(h, self.lora_B).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` in the base weight's layout (transposed for Conv1D), in fp32."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
