@@ -36,6 +36,25 @@ def _yaml_with_method_names(text: str) -> Any:
     return registry.resolve_names(_YAML_LOADER(text))
 
 
+class RecipeError(Exception):
+    """A recipe that cannot be built: reported as one line naming the field, before training."""
+
+
+RECIPE_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError)
+
+
+def _essential(message: str) -> str:
+    """jsonargparse reports a failed Optional[...] as a union of errors; keep the real one."""
+    if "Union subtypes" not in message:
+        return message
+    errors = [
+        line.strip()[2:]
+        for line in message.splitlines()
+        if line.strip().startswith("- ") and "NoneType" not in line
+    ]
+    return "; ".join(errors) or message
+
+
 class FwSaveConfig(SaveConfigCallback):
     """Saves config.yaml in the log dir (as Lightning does) and logs the full config to every logger."""
 
@@ -75,8 +94,14 @@ class FwCLI(LightningCLI):
             if not args.get("offline") and "WANDB_MODE" not in os.environ and not _wandb_has_credentials():
                 args["offline"] = True
                 print("fw: no W&B API key found; the W&B run is written offline (sync it later with `wandb sync`)")
-            if not args.get("save_dir"):
-                args["save_dir"] = config.trainer.get("default_root_dir") or "."
+            if args.get("save_dir") in (None, ".") and config.trainer.get("default_root_dir"):
+                args["save_dir"] = config.trainer.default_root_dir  # the run's files go with its logs
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except RECIPE_ERRORS as err:
+            raise RecipeError(_essential(str(err))) from err
 
     def _summary(self) -> RunSummary | None:
         return next((cb for cb in self.trainer.callbacks if isinstance(cb, RunSummary)), None)
@@ -198,9 +223,13 @@ COMMANDS = {"methods": methods_main, "inspect": inspect_main}
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     registry.discover()  # every fw.methods entry point is imported before parsing
-    if argv and argv[0] in COMMANDS:
-        return COMMANDS[argv[0]](argv[1:])
-    cli_main(argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        cli_main(argv)
+    except (RecipeError, registry.UnknownMethodError) as err:
+        print(f"fw: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

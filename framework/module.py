@@ -83,6 +83,7 @@ class PeftModule(LightningModule):
         )
 
         self.model = backbone.build(task.auto_model_class(), **task.model_kwargs())
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
         self.backbone_params = numel(self.model.parameters())
         self.head_names = head_module_names(self.model)
         if method is not None:

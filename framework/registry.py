@@ -72,11 +72,22 @@ def discover(reload: bool = False) -> dict[str, Plugin]:
     return _CACHE
 
 
+class UnknownMethodError(ValueError):
+    """A recipe names a method that no installed plugin registers."""
+
+
+def _unknown(name: str, plugins: dict[str, Plugin]) -> UnknownMethodError:
+    return UnknownMethodError(
+        f"model.method: unknown method '{name}'; installed methods: {', '.join(plugins) or '(none)'} "
+        "(or give an import path such as my_package.MyMethod)"
+    )
+
+
 def get(name: str) -> type[PeftMethod]:
     """The method class registered as ``name``; an unknown name lists the installed ones."""
     plugins = discover()
     if name not in plugins:
-        raise KeyError(f"unknown method '{name}'; installed methods: {', '.join(plugins) or '(none)'}")
+        raise _unknown(name, plugins)
     plugin = plugins[name]
     if plugin.cls is None:
         raise ImportError(f"method '{name}' is installed but failed to load: {plugin.error}")
@@ -93,16 +104,22 @@ def resolve_names(config: Any) -> Any:
     """
     plugins = discover()
 
-    def rewrite(name: Any) -> Any:
+    def rewrite(name: Any, is_method: bool) -> Any:
         if isinstance(name, str) and name in plugins:
             return plugins[name].class_path
+        if is_method and isinstance(name, str) and "." not in name:
+            raise _unknown(name, plugins)
         return name
 
     if isinstance(config, dict):
         out = {}
         for key, value in config.items():
-            if key == "class_path" or (key == "method" and isinstance(value, str)):
-                out[key] = rewrite(value)
+            if key == "class_path":
+                out[key] = rewrite(value, False)
+            elif key == "method" and isinstance(value, str):
+                out[key] = rewrite(value, True)
+            elif key == "method" and isinstance(value, dict) and "class_path" in value:
+                out[key] = {**resolve_names(value), "class_path": rewrite(value["class_path"], True)}
             else:
                 out[key] = resolve_names(value)
         return out
@@ -119,8 +136,14 @@ def resolve_cli_names(argv: list[str]) -> list[str]:
         key, eq, value = arg.partition("=")
         if not (key.endswith(".method") or key.endswith(".method.class_path")):
             continue
-        if eq and value in plugins:
-            out[i] = f"{key}={plugins[value].class_path}"
-        elif not eq and i + 1 < len(out) and out[i + 1] in plugins:
-            out[i + 1] = plugins[out[i + 1]].class_path
+        at = i if eq else i + 1
+        if not eq:
+            if i + 1 >= len(out):
+                continue
+            value = out[i + 1]
+        if value in plugins:
+            value = plugins[value].class_path
+        elif value.isidentifier():  # a bare name (not a dotted path, not inline YAML)
+            raise _unknown(value, plugins)
+        out[at] = f"{key}={value}" if eq else value
     return out

@@ -68,7 +68,7 @@ def bbc_news() -> datasets.DatasetDict:
     return datasets.DatasetDict({"train": datasets.Dataset.from_dict(data, features=features)})
 
 
-def bbc_headlines(words: int = 60) -> datasets.DatasetDict:
+def bbc_headlines(words: int = 40) -> datasets.DatasetDict:
     """An instruction set built from BBC News: write the headline of a story's opening.
 
     prompt: the instruction and the first ``words`` words of the article; response: its title.

