@@ -25,14 +25,16 @@ TINY_BERT: dict[str, Any] = {
     "model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
     "intermediate_size": 128, "vocab_size": VOCAB, "max_position_embeddings": 128,
 }
+# Decoders get a wider init: with the default 0.02 a frozen random LM head can only produce
+# near-uniform logits (|h|·|w| < 1), so no adapter could lower the loss far below log(vocab).
 TINY_GPT2: dict[str, Any] = {
     "model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB, "n_positions": 128,
-    "bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0,
+    "bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0, "initializer_range": 0.3,
 }
 TINY_LLAMA: dict[str, Any] = {
     "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
     "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": VOCAB, "max_position_embeddings": 128,
-    "bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0,
+    "bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0, "initializer_range": 0.3,
 }
 
 POSITIVE = "great wonderful superb moving delightful brilliant charming funny".split()

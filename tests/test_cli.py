@@ -176,3 +176,25 @@ def test_torch_checkpoint_is_plain_data(tmp_path, sentiment_csv):
     assert main(["fit", "--config", path, "--trainer.max_epochs", "1", "--test_after_fit", "false"]) == 0
     ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     torch.load(ckpt, weights_only=True)  # no pickled objects: hyper-parameters are plain config
+
+
+def test_causal_lm_fit_and_predict_generate_text(tmp_path, instruction_jsonl):
+    from conftest import TINY_LLAMA
+
+    recipe = tiny_recipe(tmp_path, instruction_jsonl)
+    recipe["trainer"].update(max_epochs=3, limit_predict_batches=1)
+    recipe["model"].update(backbone={"config": TINY_LLAMA, "tokenizer": TOKENIZER},
+                           task={"class_path": "CausalLM", "init_args": {"max_new_tokens": 6}})
+    recipe["model"]["method"]["init_args"]["targets"] = ["all-linear"]
+    recipe["data"] = {"class_path": "InstructionData", "init_args": {"data_files": instruction_jsonl, "batch_size": 8, "max_length": 48}}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main(["fit", "--config", path]) == 0
+    fitted = _summary(tmp_path / "runs" / "tiny" / "version_0")
+    assert fitted["metrics"]["test/perplexity"] < 100  # from ~30,000 (uniform over the vocabulary)
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert main(["predict", "--config", path, "--ckpt_path", str(ckpt)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "version_1" / "predictions.jsonl").open()]
+    assert len(records) == 8 and all(r["generated"] for r in records)
+    assert {r["reference"] for r in records} <= {"yes it is good", "no it is bad"}
+    # the tuned model learned the answer format: every generation starts with yes or no
+    assert all(r["generated"].split()[0] in ("yes", "no") for r in records), records

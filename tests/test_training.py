@@ -59,14 +59,14 @@ def test_loss_falls_and_frozen_weights_stay_bitwise_equal(build, sentiment_csv, 
 
 
 def test_causal_lm_loss_falls_on_response_tokens(build, instruction_jsonl, tmp_path):
-    recipe = lora_recipe(TINY_LLAMA, r=8, targets=["q_proj", "v_proj", "o_proj"])
-    recipe.update(task={"class_path": "CausalLM"}, learning_rate=0.02)
+    recipe = lora_recipe(TINY_LLAMA, r=8, targets=["all-linear"])
+    recipe.update(task={"class_path": "CausalLM"}, learning_rate=0.01)
     module = build(recipe)
     assert isinstance(module.task, CausalLM) and module.param_counts().head_params == 0
     recorder = LossRecorder()
     data = InstructionData(data_files=instruction_jsonl, batch_size=16, max_length=48)
     trainer(tmp_path, 40, recorder).fit(module, datamodule=data)
-    assert sum(recorder.losses[-5:]) / 5 < 0.7 * sum(recorder.losses[:5]) / 5, recorder.losses
+    assert sum(recorder.losses[-5:]) / 5 < 0.5 * sum(recorder.losses[:5]) / 5, recorder.losses
 
 
 def _checkpointed_run(build, files, tmp_path: Path, steps: int, recorder: Callback, ckpt_path: str | None = None):
