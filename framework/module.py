@@ -18,6 +18,7 @@ from framework.backbone import Backbone
 from framework.config import to_config
 from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
+from framework.optim import OptimizerName, build_optimizer
 from framework.targeting import head_module_names
 from framework.tasks import Classification, Task
 from framework.tree import render_tree
@@ -33,8 +34,10 @@ class PeftModule(LightningModule):
         method: the PEFT method plugin; None trains every weight (full fine-tuning).
         task: what is predicted: ``Classification`` or ``CausalLM``.
         train_head: train the task head (None: the task's default, yes for classification).
-        learning_rate: AdamW's peak learning rate.
+        learning_rate: the optimizer's peak learning rate.
         weight_decay: AdamW's decoupled weight decay (matrices only, not biases and norms).
+        optimizer: ``adamw`` (torch) or bitsandbytes' ``adamw_8bit``, ``paged_adamw``,
+            ``paged_adamw_8bit`` (paging needs CUDA; elsewhere fw warns once and does not page).
         warmup_ratio: fraction of the training steps with a linear warm-up.
         scheduler: learning-rate decay after warm-up.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -51,6 +54,7 @@ class PeftModule(LightningModule):
         warmup_ratio: float = 0.06,
         scheduler: Literal["linear", "cosine", "constant"] = "linear",
         gradient_checkpointing: bool = False,
+        optimizer: OptimizerName = "adamw",
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
@@ -66,6 +70,7 @@ class PeftModule(LightningModule):
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
         self.scheduler = scheduler
+        self.optimizer = optimizer
         self.save_hyperparameters(
             to_config(
                 {
@@ -78,19 +83,19 @@ class PeftModule(LightningModule):
                     "warmup_ratio": warmup_ratio,
                     "scheduler": scheduler,
                     "gradient_checkpointing": gradient_checkpointing,
+                    "optimizer": optimizer,
                 }
             )
         )
 
         self.model = backbone.build(task.auto_model_class(), **task.model_kwargs())
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
+        task.configure_model(self.model)
         self.backbone_params = numel(self.model.parameters())
         self.head_names = head_module_names(self.model)
         if method is not None:
             self.model.requires_grad_(False)
             method.attach(self.model)
-            if not any(p.requires_grad for p in self.model.parameters()):
-                raise RuntimeError(f"{type(method).__name__}.attach() left no parameter trainable")
         for name in self.head_names:
             if method is not None or not self.train_head:
                 self.model.get_submodule(name).requires_grad_(self.train_head)
@@ -151,6 +156,10 @@ class PeftModule(LightningModule):
             self.method.prepare(self, datamodule)
 
     def on_fit_start(self) -> None:
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise RuntimeError(
+                f"nothing to train: {type(self.method).__name__} left no parameter trainable and the head is frozen"
+            )
         rank_zero_info(self.summary_text())
         if self.logger is not None:
             counts = {f"params/{k}": v for k, v in self.param_counts().as_dict().items()}
@@ -209,9 +218,10 @@ class PeftModule(LightningModule):
 
         decay, no_decay = [], []
         for p in self.model.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        optimizer = torch.optim.AdamW(
+            if p.requires_grad:  # a plugin may set p.fw_weight_decay; default: matrices decay
+                (decay if getattr(p, "fw_weight_decay", p.ndim >= 2) else no_decay).append(p)
+        optimizer = build_optimizer(
+            self.optimizer,
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.learning_rate,
         )

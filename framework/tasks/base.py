@@ -30,6 +30,9 @@ class Task(ABC):
         """Extra arguments for ``from_pretrained``/``from_config`` (e.g. ``num_labels``)."""
         return {}
 
+    def configure_model(self, model: nn.Module) -> None:
+        """Adjust the freshly built model for this task (before the method attaches)."""
+
     def auto_model_class(self) -> Any:
         import transformers
 

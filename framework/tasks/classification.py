@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ class Classification(Task):
     Args:
         num_labels: number of classes; must cover every label in the data.
         label_names: optional class names, in label-id order (shown in predictions).
+        pooling: what the head reads: ``cls``, the model's own (BERT: the first token through
+            its pooler; decoders: the last token), or ``mean``, the masked mean of all tokens
+            (for encoders; what sentence-embedding models such as MiniLM were trained with).
     """
 
     auto_class = "AutoModelForSequenceClassification"
@@ -25,15 +28,26 @@ class Classification(Task):
     peft_task_type = "SEQ_CLS"
     main_metric = "accuracy"
 
-    def __init__(self, num_labels: int = 2, label_names: list[str] | None = None) -> None:
+    def __init__(
+        self, num_labels: int = 2, label_names: list[str] | None = None, pooling: Literal["cls", "mean"] = "cls"
+    ) -> None:
         if num_labels < 2:
             raise ValueError(f"model.task.num_labels: expected at least 2 classes, got {num_labels}")
         if label_names is not None and len(label_names) != num_labels:
             raise ValueError(
                 f"model.task.label_names: {len(label_names)} names given for num_labels={num_labels}"
             )
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"model.task.pooling: expected cls or mean, got {pooling!r}")
         self.num_labels = num_labels
         self.label_names = label_names
+        self.pooling = pooling
+
+    def configure_model(self, model: nn.Module) -> None:
+        if self.pooling == "mean":
+            from framework.tasks import pooling
+
+            pooling.install(model)
 
     def model_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"num_labels": self.num_labels}
