@@ -1,0 +1,84 @@
+"""BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
+Language-models (Ben Zaken, Ravfogel & Goldberg, 2022; arXiv:2106.10199).
+
+Only the bias terms train; every weight matrix stays frozen::
+
+    y = W x + b          W frozen, b trainable
+
+By default every bias of the backbone trains: attention (query, key, value, output),
+feed-forward, the LayerNorms' and the embeddings' LayerNorm (the task head trains as the
+head, not as part of the method). ``targets`` selects a subset by module name (e.g.
+``[query, value, intermediate.dense]``). Nothing is added to the model, so there is nothing
+to merge: the trained biases are the model's own parameters (``merge()`` is a no-op), and a
+checkpoint stores the biases alone.
+
+Backbones without biases (Llama-family: no bias in any projection or RMSNorm) fail at
+attach, rather than train nothing.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from framework.method import PeftMethod
+from framework.targeting import fold_indices, head_module_names, matches
+
+FIELD = "model.method.init_args.targets"
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+class BitFit(PeftMethod):
+    """BitFit: train only the bias terms (all of the backbone's, or those of chosen modules).
+
+    Args:
+        targets: module name patterns whose biases train (suffix, glob or ``re:`` regex);
+            None trains every bias of the backbone.
+    """
+
+    description = "BitFit: train only the bias terms of the backbone (no added parameters)"
+
+    def __init__(self, targets: list[str] | None = None) -> None:
+        if targets == []:
+            raise ValueError(f"{FIELD}: the list is empty; give module name patterns or null for every bias")
+        self.targets = targets
+
+    def biases(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """(module name, bias) for every bias BitFit trains on this model."""
+        heads = head_module_names(model)
+        found = [
+            (name, module.bias)
+            for name, module in model.named_modules()
+            if isinstance(getattr(module, "bias", None), nn.Parameter) and not _under(name, heads)
+        ]
+        if not found:
+            raise ValueError(
+                f"BitFit: {type(model).__name__} has no bias parameters outside its task head "
+                "(Llama-family models use none), so BitFit would train nothing. Choose another "
+                "method (e.g. lora or ia3) for this backbone."
+            )
+        if self.targets is None:
+            return found
+        chosen = []
+        for pattern in self.targets:
+            hits = [(n, b) for n, b in found if matches(n, pattern)]
+            if not hits:
+                raise ValueError(
+                    f"{FIELD}: pattern '{pattern}' matches no module with a bias. Modules with biases: "
+                    f"{', '.join(fold_indices(n for n, _ in found))}"
+                )
+            chosen += [hit for hit in hits if hit not in chosen]
+        return chosen
+
+    def attach(self, model: nn.Module) -> None:
+        for name, bias in self.biases(model):
+            bias.requires_grad_(True)
+            self.record(name, f"BitFit bias (+{bias.numel():,})")
+
+    def merge(self, model: nn.Module) -> None:
+        """Nothing to fold: the trained biases are the model's own parameters."""
+
+    def unmerge(self, model: nn.Module) -> None:
+        """Nothing to undo (see :meth:`merge`)."""
