@@ -1,0 +1,13 @@
+"""fw_prompt: prompt tuning for fw (entry point ``prompt`` in the ``fw.methods`` group).
+
+Also home of the input transformation that P-tuning (``fw_ptuning``) reuses:
+:class:`VirtualTokenInjector` prepends any module's ``(P, hidden)`` output to a model's
+input embeddings, and :mod:`fw_prompt.inputs` holds the forward-argument helpers shared with
+prefix tuning (``fw_prefix``).
+"""
+
+from fw_prompt.embedding import PromptEmbedding
+from fw_prompt.inject import MODULE_NAME, VirtualTokenInjector, add_virtual_tokens
+from fw_prompt.method import PromptTuning
+
+__all__ = ["PromptTuning", "PromptEmbedding", "VirtualTokenInjector", "add_virtual_tokens", "MODULE_NAME"]

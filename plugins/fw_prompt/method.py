@@ -1,0 +1,90 @@
+"""Prompt tuning: The Power of Scale for Parameter-Efficient Prompt Tuning (Lester et al., 2021,
+arXiv:2104.08691).
+
+The whole backbone stays frozen; ``P`` trainable "virtual token" embeddings are put in front
+of the input embeddings of every sequence::
+
+      input ids      x1   x2   x3  ...               (frozen word embeddings)
+                      │    │    │
+    ┌────┬────┬────┐ ┌▼───┬▼───┬▼───┐
+    │ v1 │ .. │ vP │ │ e1 │ e2 │ e3 │ ...   →  frozen transformer  →  outputs at x1 x2 x3 ...
+    └────┴────┴────┘ └────┴────┴────┘
+      P × hidden, trainable            mask: P ones in front; the P virtual positions
+      (all that is trained and stored) are dropped from token-level logits
+
+The method trains (and stores) ``P · hidden`` parameters: 15,360 for 20 tokens on BERT-base.
+Lester et al. initialise the prompt from sampled vocabulary embeddings or from the
+embeddings of words related to the task; both are offered (``init: vocab`` / ``text``), as
+is a random start. Prompt tuning needs a higher learning rate than LoRA (around 1e-2 to
+3e-1 in the paper) and cannot be merged into the weights.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from torch import nn
+
+from framework.method import PeftMethod
+from fw_prompt.embedding import PromptEmbedding
+from fw_prompt.inject import MODULE_NAME, add_virtual_tokens
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lightning.pytorch import LightningDataModule
+
+    from framework.module import PeftModule
+
+FIELD = "model.method.init_args"
+
+
+class PromptTuning(PeftMethod):
+    """Trainable virtual-token embeddings in front of the input (Lester et al. 2021).
+
+    Args:
+        num_virtual_tokens: length ``P`` of the soft prompt (> 0).
+        init: ``vocab`` (embeddings of sampled vocabulary tokens), ``text`` (embeddings of
+            ``init_text``'s tokens, repeated or cut to ``P``) or ``random`` (normal, at the
+            scale of the vocabulary embeddings).
+        init_text: the text for ``init: text`` (e.g. a task description); tokenized with the
+            backbone's tokenizer when fitting starts.
+    """
+
+    description = "Prompt tuning: trainable virtual-token embeddings prepended to the input"
+
+    def __init__(
+        self,
+        num_virtual_tokens: int = 20,
+        init: Literal["vocab", "text", "random"] = "vocab",
+        init_text: str | None = None,
+    ) -> None:
+        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0:
+            raise ValueError(
+                f"{FIELD}.num_virtual_tokens: expected a positive integer, got {num_virtual_tokens!r}"
+            )
+        if init not in ("vocab", "text", "random"):
+            raise ValueError(f"{FIELD}.init: expected one of vocab, text, random; got {init!r}")
+        if init == "text" and not init_text:
+            raise ValueError(f"{FIELD}.init_text: required with init: text (e.g. 'Classify the sentiment of this review')")
+        self.num_virtual_tokens = num_virtual_tokens
+        self.init = init
+        self.init_text = init_text
+
+    def attach(self, model: nn.Module) -> None:
+        table = PromptEmbedding(self.num_virtual_tokens, model.get_input_embeddings(), self.init)
+        add_virtual_tokens(model, table, "prompt tuning", f"{FIELD}.num_virtual_tokens")
+        size = table.embedding.weight.numel()
+        self.record(MODULE_NAME, f"prompt tuning: {self.num_virtual_tokens} virtual tokens (+{size:,})")
+
+    def prepare(self, module: PeftModule, datamodule: LightningDataModule | None) -> None:
+        """``init: text``: copy the embeddings of the text's tokens (once, before the first fit)."""
+        table = module.model.get_submodule(MODULE_NAME)
+        if self.init != "text" or getattr(table, "initialised_from_text", False):
+            return
+        ids = module.tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"{FIELD}.init_text: {self.init_text!r} has no tokens")
+        table.init_from_token_ids(list(ids), module.model.get_input_embeddings())
+        table.initialised_from_text = True
+
+
+__all__ = ["PromptTuning"]

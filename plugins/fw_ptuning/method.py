@@ -1,0 +1,125 @@
+"""P-tuning: GPT Understands, Too (Liu et al., 2021, arXiv:2103.10385).
+
+Like prompt tuning, ``P`` virtual tokens go in front of the input embeddings of a frozen
+model; unlike it, their embeddings are not trained directly but produced by a small prompt
+encoder, which couples the tokens and makes optimisation steadier::
+
+    P trainable inputs ──► bi-LSTM (optional) ──► MLP ──► v1 .. vP ─┐
+                                                                     ▼
+                             [ v1 .. vP | e(x1) e(x2) ... ]  →  frozen transformer
+
+During training the encoder's weights are what learns (and what a checkpoint keeps, so a
+run can resume). After training only its output, ``P × hidden`` numbers, is needed:
+``stored_state_dict`` returns that one tensor (``prompt_encoder.prompt_embeddings``), as
+Hugging Face PEFT saves it. Attention mask, token-type ids and token-level labels are
+extended, and the virtual positions are dropped from token-level logits, exactly as for
+prompt tuning (:class:`fw_prompt.VirtualTokenInjector`). Cannot be merged into the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from framework.method import PeftMethod
+from fw_prompt import MODULE_NAME, add_virtual_tokens
+from fw_ptuning.encoder import PromptEncoder
+
+FIELD = "model.method.init_args"
+#: the key under which the encoder's output is stored after training
+STORED_KEY = f"{MODULE_NAME}.prompt_embeddings"
+
+
+class PTuning(PeftMethod):
+    """Virtual tokens produced by a trainable prompt encoder (MLP or bi-LSTM + MLP).
+
+    Args:
+        num_virtual_tokens: length ``P`` of the prompt (> 0).
+        encoder: ``mlp`` (two layers, ReLU) or ``lstm`` (bidirectional LSTM, then the MLP).
+        encoder_hidden_size: the encoder's width ``h``; None: the backbone's hidden size.
+        encoder_num_layers: LSTM layers (``encoder: lstm`` only).
+        encoder_dropout: dropout between LSTM layers (``encoder: lstm`` only).
+    """
+
+    description = "P-tuning: virtual tokens from a trainable MLP/LSTM prompt encoder; stores only its output"
+
+    def __init__(
+        self,
+        num_virtual_tokens: int = 20,
+        encoder: Literal["mlp", "lstm"] = "mlp",
+        encoder_hidden_size: int | None = None,
+        encoder_num_layers: int = 2,
+        encoder_dropout: float = 0.0,
+    ) -> None:
+        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0:
+            raise ValueError(f"{FIELD}.num_virtual_tokens: expected a positive integer, got {num_virtual_tokens!r}")
+        if encoder not in ("mlp", "lstm"):
+            raise ValueError(f"{FIELD}.encoder: expected mlp or lstm, got {encoder!r}")
+        if encoder_hidden_size is not None and (not isinstance(encoder_hidden_size, int) or encoder_hidden_size <= 0):
+            raise ValueError(f"{FIELD}.encoder_hidden_size: expected a positive integer or null, got {encoder_hidden_size!r}")
+        if not isinstance(encoder_num_layers, int) or encoder_num_layers <= 0:
+            raise ValueError(f"{FIELD}.encoder_num_layers: expected a positive integer, got {encoder_num_layers!r}")
+        if not 0.0 <= encoder_dropout < 1.0:
+            raise ValueError(f"{FIELD}.encoder_dropout: expected a probability in [0, 1), got {encoder_dropout!r}")
+        self.num_virtual_tokens = num_virtual_tokens
+        self.encoder = encoder
+        self.encoder_hidden_size = encoder_hidden_size
+        self.encoder_num_layers = encoder_num_layers
+        self.encoder_dropout = encoder_dropout
+
+    def attach(self, model: nn.Module) -> None:
+        words = model.get_input_embeddings().weight
+        dim = words.shape[1]
+        prompt_encoder = PromptEncoder(
+            self.num_virtual_tokens, dim, self.encoder_hidden_size or dim, self.encoder,
+            self.encoder_num_layers, self.encoder_dropout, device=words.device,
+        )
+        add_virtual_tokens(model, prompt_encoder, "P-tuning", f"{FIELD}.num_virtual_tokens")
+        size = sum(p.numel() for p in prompt_encoder.parameters())
+        self.record(
+            MODULE_NAME,
+            f"P-tuning: {self.num_virtual_tokens} virtual tokens from a {self.encoder} encoder "
+            f"(+{size:,} trained, {self.num_virtual_tokens * dim:,} stored)",
+        )
+
+    @staticmethod
+    def prompt_encoder(model: nn.Module) -> PromptEncoder:
+        return model.get_submodule(MODULE_NAME)
+
+    def stored_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The encoder's output (``P × hidden``) instead of the encoder, plus the trainable head."""
+        encoder = self.prompt_encoder(model)
+        stored = {n: t for n, t in self.trainable_state_dict(model).items() if not n.startswith(MODULE_NAME + ".")}
+        was_training = encoder.training
+        encoder.eval()
+        with torch.no_grad():
+            stored[STORED_KEY] = encoder().detach().clone()
+        encoder.train(was_training)
+        return stored
+
+    def load_stored_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`stored_state_dict` returned, for inference: the encoder is bypassed
+        (and frozen) and serves the stored embeddings."""
+        state = dict(state_dict)
+        if STORED_KEY not in state:
+            raise KeyError(f"PTuning: '{STORED_KEY}' is missing from the stored weights")
+        encoder = self.prompt_encoder(model)
+        encoder.use_stored(state.pop(STORED_KEY))
+        encoder.requires_grad_(False)
+        load_plain(model, state, type(self).__name__)
+
+
+def load_plain(model: nn.Module, state: dict[str, torch.Tensor], owner: str) -> None:
+    """Copy ``state`` (parameter name -> tensor) into ``model``; unknown names are an error."""
+    params = dict(model.named_parameters())
+    unknown = sorted(state.keys() - params.keys())
+    if unknown:
+        raise KeyError(f"{owner}: the stored weights do not fit this model (unexpected: {unknown[:5]})")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+__all__ = ["PTuning", "STORED_KEY"]
