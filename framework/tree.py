@@ -42,8 +42,10 @@ def _fold_numbered(keys: list[str], rendered: dict[str, list[str]]) -> list[tupl
 def render_tree(model: nn.Module, modified: dict[str, str]) -> str:
     """A text tree of ``model`` restricted to the ``modified`` modules and their ancestors."""
     trie: dict[str, Any] = {}
+    root_note = modified.get("")  # a note on the whole model (e.g. a mask chosen later)
     for name, note in modified.items():
-        _insert(trie, name, note)
+        if name:
+            _insert(trie, name, note)
 
     def subtree(path: str, node: dict[str, Any]) -> list[str]:
         keys = [k for k in node if k != "\0note"]
@@ -62,4 +64,5 @@ def render_tree(model: nn.Module, modified: dict[str, str]) -> str:
             lines += [("    " if last else "│   ") + line for line in rendered[key]]
         return lines
 
-    return "\n".join([type(model).__name__, *subtree("", trie)])
+    root = type(model).__name__ + (f"  <- {root_note}" if root_note else "")
+    return "\n".join([root, *subtree("", trie)])

@@ -85,6 +85,8 @@ class FisherMask(PeftMethod):
 
     def attach(self, model: nn.Module) -> None:
         """Nothing trains until :meth:`prepare` has chosen the mask (or a checkpoint restores it)."""
+        k = self.k(model)
+        self.record("", f"FISH mask of k = {k:,} entries ({self.fraction:.2%}), chosen by calibration at fit start")
 
     def k(self, model: nn.Module) -> int:
         """How many entries the mask keeps on this (not yet masked) model."""
