@@ -18,8 +18,10 @@ METHODS = {
     "lora": ({"r": 8}, 5e-3, 40),
     "pfeiffer": ({}, 3e-3, 40),
     "parallel_adapter": ({}, 3e-3, 40),
+    "mam": ({}, 3e-4, 60),  # prefix tuning is sensitive: at 1e-3 the held-out loss rises at first
+    "unipelt": ({}, 3e-3, 40),
 }
-SLOW = {"lora", "pfeiffer", "parallel_adapter"}
+SLOW = {"lora", "pfeiffer", "parallel_adapter", "mam", "unipelt"}
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from fw_adapters.gate import SequenceGate
+
 
 class Bottleneck(nn.Module):
     """``up(act(down(x)))``: d -> bottleneck -> d_out. ``down`` keeps PyTorch's Linear init
@@ -29,18 +31,6 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.down.weight.dtype
         return self.up(self.act(self.down(x.to(dtype))))
-
-
-class SequenceGate(nn.Module):
-    """``sigmoid(Linear(mean over the sequence of x))``: one gate per example (UniPELT)."""
-
-    def __init__(self, d_in: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.proj = nn.Linear(d_in, 1, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.to(self.proj.weight.dtype).mean(dim=1, keepdim=True) if x.dim() == 3 else x
-        return torch.sigmoid(self.proj(pooled))
 
 
 class SerialAdapter(nn.Module):

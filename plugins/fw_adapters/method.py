@@ -38,7 +38,8 @@ from framework.architectures import role_patterns
 from framework.backbone import DTYPES
 from framework.method import MergeNotSupportedError, PeftMethod
 from framework.targeting import find_modules, set_submodule
-from fw_adapters.layers import Bottleneck, ParallelAdapter, SequenceGate, SerialAdapter
+from fw_adapters.gate import SequenceGate
+from fw_adapters.layers import Bottleneck, ParallelAdapter, SerialAdapter
 from fw_lora.layer import linear_dims
 
 FIELD = "model.method.init_args"

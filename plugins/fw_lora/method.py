@@ -46,6 +46,8 @@ class LoRA(PeftMethod):
     """
 
     description = "LoRA: trainable low-rank updates B·A on chosen Linear layers (mergeable)"
+    #: the wrapper put around each target (hybrids substitute a subclass, e.g. a gated one)
+    layer_class: type[LoRALinear] = LoRALinear
 
     def __init__(
         self,
@@ -78,9 +80,9 @@ class LoRA(PeftMethod):
     def attach(self, model: nn.Module) -> None:
         dtype = None if self.dtype == "base" else DTYPES[self.dtype]
         for name, layer in self.target_modules(model):
-            wrapped = LoRALinear(layer, self.r, self.alpha, self.dropout, self.rslora, dtype)
+            wrapped = self.layer_class(layer, self.r, self.alpha, self.dropout, self.rslora, dtype)
             set_submodule(model, name, wrapped)
-            added = wrapped.lora_A.numel() + wrapped.lora_B.numel()
+            added = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
             self.record(name, f"LoRA r={self.r} (+{added:,})")
 
     @staticmethod

@@ -6,13 +6,11 @@ and UniPELT (gated LoRA + adapter + prefix)::
     from fw_prefix import add_prefix
     encoder = add_prefix(model, prefix_length=30, bottleneck=512)   # prefix_encoder + hooks
 
-or, to change what reaches the layers (e.g. a learned gate on the prefix)::
-
-    from fw_prefix import PrefixEncoder, PrefixInjector, kv_shape
-    encoder = PrefixEncoder(kv_shape(model), 30, hidden_size, bottleneck=512)
-    model.add_module("prefix_encoder", encoder)
-    PrefixInjector(GatedPrefix(encoder)).install(model)   # any object with prefix_length and
-                                                          # key_values(batch_size, dtype, device)
+During a forward call, ``encoder.injector.filling`` is the key/value cache just filled
+with the prefix: a hook inside the model may rescale one layer's prefix there before the
+layer reads it (UniPELT's input-dependent prefix gate, in ``fw_unipelt``). A different
+prefix source (any object with ``prefix_length`` and ``key_values(batch_size, dtype,
+device)``) can be fed with ``PrefixInjector(source).install(model)``.
 
 - :mod:`fw_prefix.shapes`   per-architecture key/value geometry (:func:`kv_shape`), supported backbones
 - :mod:`fw_prefix.encoder`  :class:`PrefixEncoder`: embedding (+ MLP) -> flat prefix -> per-layer (k, v)

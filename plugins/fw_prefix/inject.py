@@ -77,6 +77,13 @@ class PrefixInjector:
     def prefix_length(self) -> int:
         return int(self.source.prefix_length)
 
+    @property
+    def filling(self) -> Any:
+        """The cache this forward call filled with the prefix (None between calls and on
+        later decoding steps, whose cache already holds it). Hooks inside the model may
+        rescale a layer's prefix there before the layer reads it (UniPELT's prefix gate)."""
+        return self._filled
+
     def install(self, model: nn.Module) -> None:
         """Register the hooks on ``model`` and refuse gradient checkpointing from now on."""
         if is_checkpointing(model):
@@ -161,7 +168,7 @@ def add_prefix(
     ``model.prefix_encoder`` and a :class:`PrefixInjector` feeding it to every layer.
 
     ``bottleneck=None`` trains the flat prefix directly (no reparameterization). Returns
-    the encoder; hybrids (MAM, UniPELT) call this, then add their other modules.
+    the encoder, whose ``injector`` attribute is the :class:`PrefixInjector` feeding it.
     """
     check_supported(model, "model.method")
     if hasattr(model, MODULE_NAME):
@@ -169,5 +176,6 @@ def add_prefix(
     words = model.get_input_embeddings().weight
     encoder = PrefixEncoder(kv_shape(model), prefix_length, words.shape[1], bottleneck, device=words.device)
     model.add_module(MODULE_NAME, encoder)
-    PrefixInjector(encoder, f"{field}.prefix_length").install(model)
+    encoder.injector = PrefixInjector(encoder, f"{field}.prefix_length")
+    encoder.injector.install(model)
     return encoder

@@ -1,0 +1,171 @@
+"""Compose: several PEFT methods on one backbone, from a recipe, without writing a plugin.
+
+He et al. 2022 ("Towards a Unified View of Parameter-Efficient Transfer Learning") showed
+that methods touching different places of a layer combine well (MAM = prefix tuning on
+attention + a parallel adapter on the FFN). ``compose`` attaches a list of methods in order::
+
+    method:
+      class_path: compose
+      init_args:
+        methods:
+          - {class_path: lora, init_args: {r: 8}}                 # query, value
+          - {class_path: parallel_adapter, init_args: {reduction_factor: 16}}   # FFN
+
+The trained parameters are the sum of the parts (each method's own, plus the task head).
+
+**Compatibility.** Methods must modify different modules: if two record the same module
+(e.g. LoRA on ``output.dense`` and a Pfeiffer adapter, which wraps it) the composition fails
+naming the module and both methods. A method whose checkpoint is not plain parameters (the
+Fisher mask stores indices; its mask is chosen from data) cannot be composed.
+
+**Weights.** Training checkpoints hold every trainable parameter (the default format). What
+a finished run stores is each method's own ``stored_state_dict`` restricted to the
+parameters that method created or unfroze (so a prefix is stored flat, LoRA as A and B),
+plus the task head.
+
+**Merging** merges every part or none: if one part cannot be merged, the parts already
+merged are unmerged and the error names the part.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from framework.method import MergeNotSupportedError, PeftMethod
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lightning.pytorch import LightningDataModule
+
+    from framework.module import PeftModule
+
+FIELD = "model.method.init_args.methods"
+
+
+def _uses_plain_checkpoints(method: PeftMethod) -> bool:
+    cls = type(method)
+    return (
+        cls.trainable_state_dict is PeftMethod.trainable_state_dict
+        and cls.load_trainable_state_dict is PeftMethod.load_trainable_state_dict
+    )
+
+
+class Compose(PeftMethod):
+    """Several methods attached in order to one backbone; they must touch different modules.
+
+    Args:
+        methods: the methods, each as in ``model.method`` (``class_path`` + ``init_args``).
+    """
+
+    description = "Compose: several methods on one backbone (they must modify different modules)"
+
+    def __init__(self, methods: list[PeftMethod]) -> None:
+        if not methods:
+            raise ValueError(f"{FIELD}: expected at least one method")
+        for i, method in enumerate(methods):
+            if not isinstance(method, PeftMethod):
+                raise TypeError(f"{FIELD}[{i}]: expected a PeftMethod, got {type(method).__name__}")
+            if not _uses_plain_checkpoints(method):
+                raise ValueError(
+                    f"{FIELD}[{i}]: {type(method).__name__} writes its own checkpoint format, so it cannot be "
+                    "composed; train it on its own"
+                )
+        self.methods = list(methods)
+
+    def _label(self, i: int) -> str:
+        return f"methods[{i}] ({type(self.methods[i]).__name__})"
+
+    # -- attaching ------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module) -> None:
+        owned: list[set[int]] = []
+        claimed: dict[str, int] = {}
+        for i, method in enumerate(self.methods):
+            before = {id(p) for p in model.parameters() if p.requires_grad}
+            try:
+                method.attach(model)
+            except Exception as e:
+                if not i:
+                    raise
+                earlier = ", ".join(self._label(j) for j in range(i))
+                raise type(e)(
+                    f"{self._label(i)} failed to attach after {earlier}, which may have wrapped or taken its "
+                    f"targets (composed methods must modify different modules): {e}"
+                ) from e
+            owned.append({id(p) for p in model.parameters() if p.requires_grad} - before)
+            for name in method.modified_modules:
+                if name in claimed:
+                    raise ValueError(
+                        f"{FIELD}: {self._label(i)} modifies '{name or type(model).__name__}', which "
+                        f"{self._label(claimed[name])} already modified; composed methods must touch "
+                        "different modules (change one's targets or placements)"
+                    )
+                claimed[name] = i
+        self.__dict__["_owned"] = owned
+
+    @property
+    def modified_modules(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for method in self.methods:
+            out.update(method.modified_modules)
+        return out
+
+    def owner(self, model: nn.Module) -> dict[str, int]:
+        """Trainable parameter name -> index of the part that created or unfroze it."""
+        owned = self.__dict__.get("_owned")
+        if owned is None:
+            raise RuntimeError("Compose: attach() has not run on this model")
+        index = {pid: i for i, ids in enumerate(owned) for pid in ids}
+        return {n: index[id(p)] for n, p in model.named_parameters() if p.requires_grad and id(p) in index}
+
+    # -- weights --------------------------------------------------------------------------
+
+    def stored_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Each part's stored form of its own parameters, plus the parameters no part owns
+        (the task head)."""
+        owner = self.owner(model)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        out: dict[str, torch.Tensor] = {}
+        for i, method in enumerate(self.methods):
+            for key, value in method.stored_state_dict(model).items():
+                if key in trainable and owner.get(key) != i:
+                    continue  # another part's parameter, or the head (added below)
+                if key in out:
+                    raise RuntimeError(f"Compose: {self._label(i)} stores '{key}', which another part stores too")
+                out[key] = value
+        out.update({n: p.detach() for n, p in trainable.items() if n not in owner})
+        return out
+
+    # -- merging --------------------------------------------------------------------------
+
+    def merge(self, model: nn.Module) -> None:
+        merged: list[PeftMethod] = []
+        for i, method in enumerate(self.methods):
+            try:
+                method.merge(model)
+            except MergeNotSupportedError as e:
+                for done in reversed(merged):
+                    done.unmerge(model)
+                raise MergeNotSupportedError(
+                    f"{type(self).__name__} cannot be merged: its part {self._label(i)} cannot ({e})"
+                ) from e
+            merged.append(method)
+
+    def unmerge(self, model: nn.Module) -> None:
+        for method in reversed(self.methods):
+            method.unmerge(model)
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def prepare(self, module: PeftModule, datamodule: LightningDataModule | None) -> None:
+        for method in self.methods:
+            method.prepare(module, datamodule)
+
+    def on_after_backward(self, model: nn.Module) -> None:
+        for method in self.methods:
+            method.on_after_backward(model)
+
+
+__all__ = ["Compose"]
