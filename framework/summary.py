@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
 
 from framework.measure import human_bytes, peak_memory_bytes
 
@@ -86,11 +85,13 @@ class RunSummary(Callback):
             out["train_examples_per_second"] = round(self.examples / max(sum(self.step_seconds), 1e-9), 2)
         return out
 
-    @rank_zero_only
-    def write(self, trainer: Trainer, module: LightningModule) -> Path:
-        """Print the table and write ``summary.json`` into the log directory."""
-        report = self.report(trainer, module)
+    def write(self, trainer: Trainer, module: LightningModule) -> Path | None:
+        """Print the table and write ``summary.json`` into the log directory (on rank 0;
+        every rank calls this, as ``trainer.log_dir`` is a collective under DDP)."""
         directory = Path(trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
+            return None
+        report = self.report(trainer, module)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "summary.json"
         path.write_text(json.dumps(report, indent=2) + "\n")

@@ -22,7 +22,7 @@ import datasets
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from framework.data.packaged import PACKAGED
 
@@ -75,6 +75,7 @@ class TextDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 42,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         if (dataset is None) == (data_files is None):
@@ -113,6 +114,7 @@ class TextDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.shuffle = shuffle
         self.tokenizer: Any = None  # set by the PeftModule (or by hand) before setup
         self.raw: dict[str, datasets.Dataset] | None = None
         self.encoded: dict[str, datasets.Dataset] | None = None
@@ -193,7 +195,15 @@ class TextDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        loader = self._loader("train", self.shuffle, self.batch_size)
+        trainer = self.trainer
+        if self.shuffle or trainer is None or trainer.world_size == 1:
+            return loader
+        # Lightning's own distributed sampler always shuffles training data; keep the file's
+        # order (rank r reads rows r, r + world_size, ...) when shuffling is off
+        sampler = DistributedSampler(loader.dataset, trainer.world_size, trainer.global_rank, shuffle=False)
+        return DataLoader(loader.dataset, batch_size=self.batch_size, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=loader.collate_fn)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", False, self.eval_batch_size)

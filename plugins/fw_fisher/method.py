@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 
 from framework.method import MergeNotSupportedError, PeftMethod
 from framework.targeting import head_module_names
@@ -104,11 +105,18 @@ class FisherMask(PeftMethod):
             raise ValueError("FISH needs training data for its calibration pass (data: ... in the recipe)")
         device = trainer.strategy.root_device if trainer is not None else module.device
         progress = trainer is None or trainer.is_global_zero
-        self.select(module.model, lambda batch: module.task.step(module.model, batch)[0],
-                    datamodule.train_dataloader(), device, progress)
+        # under DDP every rank calibrates on the same (unsharded) examples, then all install
+        # rank 0's mask: one mask everywhere, the same as a single-process run's
+        share = trainer.strategy.broadcast if trainer is not None and trainer.world_size > 1 else None
+        loader = datamodule.train_dataloader()
+        if isinstance(loader.sampler, DistributedSampler):
+            loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+        self.select(module.model, lambda batch: module.task.step(module.model, batch)[0], loader, device, progress, share)
 
-    def select(self, model: nn.Module, loss_fn: Any, batches: Any, device: torch.device | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
-        """Calibrate on ``batches`` and install the mask; returns the chosen indices."""
+    def select(self, model: nn.Module, loss_fn: Any, batches: Any, device: torch.device | None = None,
+               progress: bool = True, share: Any = None) -> dict[str, torch.Tensor]:
+        """Calibrate on ``batches`` and install the mask; returns the chosen indices.
+        ``share`` (e.g. a strategy's ``broadcast``) makes every process install rank 0's."""
         params = candidate_params(model)
         was_training, flags = model.training, {n: p.requires_grad for n, p in params.items()}
         if device is not None:
@@ -125,6 +133,8 @@ class FisherMask(PeftMethod):
                 p.requires_grad_(flags[name])
             model.train(was_training)
         indices = top_k_indices(scores, self.k(model))
+        if share is not None:
+            indices = {name: idx.to(device) for name, idx in share({n: i.cpu() for n, i in indices.items()}).items()}
         self.install(model, indices)
         return indices
 
