@@ -19,6 +19,7 @@ from framework.config import to_config
 from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
 from framework.optim import OptimizerName, build_optimizer
+from framework.sharding import full_tensor, is_sharded, shard_like, shard_model
 from framework.targeting import head_module_names
 from framework.tasks import Classification, Task
 from framework.tree import render_tree
@@ -155,6 +156,14 @@ class PeftModule(LightningModule):
         if stage == "fit" and self.method is not None:
             self.method.prepare(self, datamodule)
 
+    def configure_model(self) -> None:
+        """Under :class:`framework.strategies.FSDP` (a device mesh is set): shard every
+        transformer block, then the rest, with FSDP2's per-parameter sharding."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or is_sharded(self.model):
+            return
+        shard_model(self.model, mesh["data_parallel"], getattr(self.trainer.strategy, "reshard_after_forward", True))
+
     def on_fit_start(self) -> None:
         if not any(p.requires_grad for p in self.model.parameters()):
             raise RuntimeError(
@@ -175,7 +184,7 @@ class PeftModule(LightningModule):
         loss, outputs = self.task.step(self.model, batch)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         self.task.update_metrics(metrics, batch, outputs)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=self._batch_size(batch))
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=self._batch_size(batch), sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -235,10 +244,13 @@ class PeftModule(LightningModule):
     # -- adapter-only checkpoints ---------------------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """What training changes: the method's weights and the trainable head (keys as in the model)."""
+        """What training changes: the method's weights and the trainable head (keys as in the
+        model), as full tensors (gathered from every rank when the model is sharded)."""
         if self.method is None:
-            return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
-        return self.method.trainable_state_dict(self.model)
+            state = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        else:
+            state = self.method.trainable_state_dict(self.model)
+        return {k: full_tensor(v) for k, v in state.items()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.adapter_state_dict().items()}
@@ -254,7 +266,7 @@ class PeftModule(LightningModule):
         foreign = [k for k in state_dict if not k.startswith("model.")]
         if foreign:
             raise KeyError(f"checkpoint keys outside the model: {foreign[:5]}")
-        weights = {k[len("model.") :]: v for k, v in state_dict.items()}
+        weights = shard_like(self.model, {k[len("model.") :]: v for k, v in state_dict.items()})
         if self.method is None:
             return self.model.load_state_dict(weights, strict=False)
         self.method.load_trainable_state_dict(self.model, weights)

@@ -86,12 +86,13 @@ class RunSummary(Callback):
         return out
 
     def write(self, trainer: Trainer, module: LightningModule) -> Path | None:
-        """Print the table and write ``summary.json`` into the log directory (on rank 0;
-        every rank calls this, as ``trainer.log_dir`` is a collective under DDP)."""
+        """Print the table and write ``summary.json`` into the log directory (on rank 0).
+        Every rank calls this: ``trainer.log_dir`` and, on a sharded model, some parameter
+        counts (a prefix computed from sharded weights) are collectives."""
         directory = Path(trainer.log_dir or trainer.default_root_dir)
+        report = self.report(trainer, module)
         if not trainer.is_global_zero:
             return None
-        report = self.report(trainer, module)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "summary.json"
         path.write_text(json.dumps(report, indent=2) + "\n")

@@ -101,6 +101,11 @@ class FisherMask(PeftMethod):
         trainer = module._trainer
         if trainer is not None and trainer.ckpt_path:
             return  # resuming: the checkpoint restores the mask and its values
+        if trainer is not None and type(trainer.strategy).__name__ in ("FSDP", "ModelParallelStrategy"):
+            raise ValueError(
+                "trainer.strategy: the Fisher mask scatters k values into dense weights, which FSDP shards; "
+                "train it with strategy: ddp (every rank then trains the same mask)"
+            )
         if datamodule is None:
             raise ValueError("FISH needs training data for its calibration pass (data: ... in the recipe)")
         device = trainer.strategy.root_device if trainer is not None else module.device
