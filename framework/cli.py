@@ -4,6 +4,7 @@
     fw test --config recipes/quickstart.yaml --ckpt_path runs/quickstart/.../last.ckpt
     fw methods                       # installed method plugins
     fw inspect --config RECIPE       # the modified module tree and parameter counts
+    fw bench --config BENCH          # methods x seeds, measured side by side (recipes/bench/)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import netrc
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -177,6 +179,14 @@ def build_module(model_config: dict[str, Any], overrides: list[str] | None = Non
     return parser.instantiate_classes(config).model
 
 
+def instantiate_data(data_config: dict[str, Any]) -> LightningDataModule:
+    """The DataModule of a recipe's ``data`` section (``class_path`` + ``init_args``)."""
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    config = parser.parse_args(["--data", json.dumps(data_config)])
+    return parser.instantiate_classes(config).data
+
+
 def inspect_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fw inspect",
@@ -217,7 +227,29 @@ def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
             base[key] = value
 
 
-COMMANDS = {"methods": methods_main, "inspect": inspect_main}
+def bench_main(argv: list[str]) -> int:
+    from framework.bench import report, runner
+
+    parser = argparse.ArgumentParser(
+        prog="fw bench",
+        description="Run a matrix of methods x seeds on one recipe (each run its own process) and write "
+        "results.json, results.md and plots into the config's output_dir. Runs already done are kept.",
+    )
+    parser.add_argument("-c", "--config", required=True, help="bench config (recipes/bench/*.yaml)")
+    parser.add_argument("--output_dir", help="override the config's output_dir")
+    args = parser.parse_args(argv)
+    config = runner.BenchConfig.load(args.config)
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    records = runner.run_matrix(config)
+    out = Path(config.output_dir)
+    report.write(records, out, f"fw bench: {Path(args.config).stem}")
+    print((out / "results.md").read_text())
+    print(f"written: {out / 'results.json'}, {out / 'results.md'}, {out / 'score_vs_params.png'}, {out / 'peak_memory.png'}")
+    return 0
+
+
+COMMANDS = {"methods": methods_main, "inspect": inspect_main, "bench": bench_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ given without the task head, as counts and as % of the backbone.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from dataclasses import asdict, dataclass
@@ -80,6 +81,15 @@ def peak_memory_bytes(device: torch.device | None = None) -> tuple[int, str]:
         return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return (rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident memory now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def human_bytes(n: float) -> str:

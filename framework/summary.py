@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from framework.measure import human_bytes, peak_memory_bytes
+from framework.measure import current_rss_bytes, human_bytes, peak_memory_bytes
 
 
 class RunSummary(Callback):
@@ -28,12 +28,15 @@ class RunSummary(Callback):
         self.metrics: dict[str, float] = {}
         self._t0 = 0.0
         self._step_t0 = 0.0
+        self.rss_at_fit_start: int | None = None
+        self.peak_after_fit: tuple[int, str] | None = None
 
     # -- timing ---------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self.rss_at_fit_start = current_rss_bytes()
         self._t0 = time.perf_counter()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -49,6 +52,7 @@ class RunSummary(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.fit_seconds = time.perf_counter() - self._t0
+        self.peak_after_fit = peak_memory_bytes(pl_module.device)
 
     # -- metrics --------------------------------------------------------------------------
 
@@ -66,6 +70,17 @@ class RunSummary(Callback):
 
     # -- the report -----------------------------------------------------------------------
 
+    def _training_memory(self) -> dict[str, Any]:
+        """The peak while fitting; on CPU also its rise above the RSS at fit start (the model
+        and data already loaded), i.e. what training itself added."""
+        if self.peak_after_fit is None:
+            return {}
+        peak, how = self.peak_after_fit
+        out: dict[str, Any] = {"train_peak_memory_bytes": peak}
+        if how == "process_peak_rss" and self.rss_at_fit_start is not None:
+            out["train_memory_above_start_bytes"] = max(0, peak - self.rss_at_fit_start)
+        return out
+
     def report(self, trainer: Trainer, module: LightningModule) -> dict[str, Any]:
         peak, how = peak_memory_bytes(module.device)
         out: dict[str, Any] = {
@@ -74,6 +89,7 @@ class RunSummary(Callback):
             "params": module.param_counts().as_dict(),
             "peak_memory_bytes": peak,
             "peak_memory_measure": how,
+            **self._training_memory(),
             "train_seconds": round(self.fit_seconds, 3) if self.fit_seconds is not None else None,
             "train_steps": len(self.step_seconds),
             "train_examples": self.examples,

@@ -1,0 +1,59 @@
+"""`fw bench` end to end on a tiny random-init BERT: 2 methods (fw LoRA and PEFT's LoRA),
+1 seed, a few steps; the output files hold every dimension with plausible values, and a
+second call resumes (keeps the finished runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from framework.bench.report import aggregate, markdown
+from framework.cli import main
+
+TINY = Path(__file__).parents[1] / "recipes" / "bench" / "tiny.yaml"
+
+
+def test_bench_writes_every_dimension_and_resumes(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--config", str(TINY), "--output_dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["runs"]] == ["lora", "peft_lora"]
+    for run in results["runs"]:
+        params = run["params"]
+        assert 0 < params["stored_params"] <= params["method_params"] <= params["trainable_params"] < params["backbone_params"]
+        assert run["train_peak_memory_bytes"] > run["train_memory_above_start_bytes"] >= 0
+        assert run["median_step_seconds"] > 0 and run["train_examples_per_second"] > 0
+        assert run["latency_base_s"] > 0 and run["latency_unmerged_s"] > 0 and run["latency_merged_s"] > 0
+        assert 0 < run["checkpoint_bytes"] < 1_000_000 and len(run["train_losses"]) == 4
+        assert 0 <= run["metrics"]["test/accuracy"] <= 1
+    lora = results["methods"]["lora"]
+    assert lora["trainable_params"] == results["methods"]["peft_lora"]["trainable_params"]  # the same LoRA
+    assert lora["fw_over_peft_step_time"] > 0 and lora["fw_over_peft_memory"] > 0
+    assert (out / "score_vs_params.png").stat().st_size > 1000 and (out / "peak_memory.png").stat().st_size > 1000
+    assert "| lora |" in (out / "results.md").read_text()
+
+    (out / "runs" / "lora" / "seed1" / "bench.json").write_text(json.dumps({**results["runs"][0], "marker": 1}))
+    capsys.readouterr()
+    assert main(["bench", "--config", str(TINY), "--output_dir", str(out)]) == 0
+    assert "done earlier, kept" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["runs"][0]["marker"] == 1
+
+
+def test_aggregate_spread_ratio_to_full_and_floor():
+    def run(method: str, seed: int, score: float, step: float, losses: list[float]) -> dict:
+        return {"method": method, "seed": seed, "reference_of": None, "metrics": {"test/accuracy": score},
+                "params": {"trainable_params": 10, "stored_params": 10, "backbone_params": 100},
+                "peak_memory_bytes": 1, "peak_memory_measure": "process_peak_rss", "median_step_seconds": step,
+                "train_examples_per_second": 1.0, "latency_base_s": 1.0, "latency_unmerged_s": 1.0,
+                "latency_merged_s": None, "checkpoint_bytes": 1, "train_losses": losses}
+
+    rows = aggregate([run("full", 1, 0.8, 2.0, [1, 0.5]), run("full", 2, 0.8, 2.0, [1, 0.5]),
+                      run("lora", 1, 0.7, 1.5, [1.0, 0.6]), run("lora", 2, 0.9, 1.5, [1.0, 0.4]),
+                      run("linear_probe", 1, 0.6, 1.0, [1, 1])])
+    assert rows["lora"]["score_mean"] == pytest.approx(0.8) and rows["lora"]["score_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert rows["lora"]["score_vs_full"] == pytest.approx(1.0)
+    assert rows["lora"]["loss_curve_std"] == pytest.approx((0 + 0.1414) / 2, abs=1e-4)
+    assert rows["lora"]["step_time_over_frozen_floor"] == pytest.approx(1.5)
+    assert "| lora |" in markdown(rows, "t")
