@@ -243,7 +243,9 @@ def bench_main(argv: list[str]) -> int:
         config.output_dir = args.output_dir
     records = runner.run_matrix(config)
     out = Path(config.output_dir)
-    report.write(records, out, f"fw bench: {Path(args.config).stem}")
+    rows = report.write(records, out, f"fw bench: {Path(args.config).stem}")
+    if config.wandb is not None:
+        report.to_wandb(rows, out, config.wandb)
     print((out / "results.md").read_text())
     print(f"written: {out / 'results.json'}, {out / 'results.md'}, {out / 'score_vs_params.png'}, {out / 'peak_memory.png'}")
     return 0

@@ -5,9 +5,12 @@ second call resumes (keeps the finished runs)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import yaml
+from wandb_records import history_keys, read_records
 
 from framework.bench.report import aggregate, markdown
 from framework.cli import main
@@ -15,9 +18,15 @@ from framework.cli import main
 TINY = Path(__file__).parents[1] / "recipes" / "bench" / "tiny.yaml"
 
 
-def test_bench_writes_every_dimension_and_resumes(tmp_path, capsys):
+def test_bench_writes_every_dimension_resumes_and_logs_to_wandb(tmp_path, capsys, monkeypatch):
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no W&B key, no netrc: offline
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    config = yaml.safe_load(TINY.read_text()) | {"recipe": str(TINY.parent / "../quickstart.yaml"), "wandb": {"project": "fw-bench"}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "bench"
-    assert main(["bench", "--config", str(TINY), "--output_dir", str(out)]) == 0
+    assert main(["bench", "--config", str(tmp_path / "tiny.yaml"), "--output_dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results["runs"]] == ["lora", "peft_lora"]
     for run in results["runs"]:
@@ -34,9 +43,15 @@ def test_bench_writes_every_dimension_and_resumes(tmp_path, capsys):
     assert (out / "score_vs_params.png").stat().st_size > 1000 and (out / "peak_memory.png").stat().st_size > 1000
     assert "| lora |" in (out / "results.md").read_text()
 
+    for name in ("lora", "peft_lora"):  # every run, and the table, went to W&B (offline here)
+        logs = list((out / "runs" / name / "seed1" / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(logs) == 1 and "train/loss" in history_keys(read_records(logs[0]))
+    table_logs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(table_logs) == 1 and "results" in history_keys(read_records(table_logs[0]))
+
     (out / "runs" / "lora" / "seed1" / "bench.json").write_text(json.dumps({**results["runs"][0], "marker": 1}))
     capsys.readouterr()
-    assert main(["bench", "--config", str(TINY), "--output_dir", str(out)]) == 0
+    assert main(["bench", "--config", str(tmp_path / "tiny.yaml"), "--output_dir", str(out)]) == 0
     assert "done earlier, kept" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["runs"][0]["marker"] == 1
 
@@ -57,3 +72,22 @@ def test_aggregate_spread_ratio_to_full_and_floor():
     assert rows["lora"]["loss_curve_std"] == pytest.approx((0 + 0.1414) / 2, abs=1e-4)
     assert rows["lora"]["step_time_over_frozen_floor"] == pytest.approx(1.5)
     assert "| lora |" in markdown(rows, "t")
+
+
+def test_gpu_matrix_recipes_build_on_a_tiny_llama(tmp_path, capsys):
+    """The GPU matrix cannot run here; each of its runs' recipes builds (backbone shrunk to a
+    tiny Llama) and attaches its method, with the counts fw and PEFT must share."""
+    from conftest import TINY_LLAMA
+
+    from framework.bench.runner import BenchConfig, run_recipe
+
+    config = BenchConfig.load(TINY.parent / "gpu-llama1b.yaml")
+    config.overrides["model"]["backbone"]["config"] = TINY_LLAMA
+    counts = {}
+    for name in config.methods:
+        recipe = run_recipe(config, name, 1, tmp_path / name)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        assert main(["inspect", "--config", str(path), "--json"]) == 0
+        counts[name] = json.loads(capsys.readouterr().out)["method_params"]
+    assert counts["lora"] == counts["peft_lora"] == counts["qlora"] > 0

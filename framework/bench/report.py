@@ -4,6 +4,7 @@ aggregates), results.md (the table, fw/PEFT ratios) and PNG plots."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,22 @@ def write(records: list[dict[str, Any]], out: Path, title: str) -> dict[str, dic
     (out / "results.md").write_text(markdown(rows, title))
     plots(rows, out)
     return rows
+
+
+def to_wandb(rows: dict[str, dict[str, Any]], out: Path, wandb_args: dict[str, Any]) -> None:
+    """The aggregated table (and the plots) as one W&B run of the benchmark's group; offline
+    when no W&B credentials are found, as fw's runs are."""
+    import wandb
+
+    from framework.cli import _wandb_has_credentials
+
+    args = dict(wandb_args)
+    offline = args.pop("offline", None)
+    if offline or (offline is None and "WANDB_MODE" not in os.environ and not _wandb_has_credentials()):
+        args["mode"] = "offline"
+    columns = ["method", *next(iter(rows.values())).keys()]
+    table = wandb.Table(columns=columns, data=[[name, *(json.dumps(v) if isinstance(v, list) else v for v in row.values())]
+                                                for name, row in rows.items()])
+    run = wandb.init(dir=str(out), group=out.name, name=f"{out.name}/results", job_type="bench", **args)
+    run.log({"results": table, **{p.stem: wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}})
+    run.finish()

@@ -39,6 +39,8 @@ class BenchConfig:
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     max_steps: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: WandbLogger arguments (e.g. ``{project: fw-bench}``): every run and the final table go to W&B
+    wandb: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> BenchConfig:
@@ -84,7 +86,11 @@ def run_recipe(config: BenchConfig, name: str, seed: int, run_dir: Path) -> dict
     trainer["default_root_dir"] = str(run_dir)
     trainer["enable_progress_bar"] = False
     trainer["log_every_n_steps"] = 1  # every step's loss: the loss curve across seeds
-    trainer["logger"] = {"class_path": "CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}}
+    trainer["logger"] = [{"class_path": "CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}}]
+    if config.wandb is not None:
+        group = Path(config.output_dir).name
+        trainer["logger"].append({"class_path": "WandbLogger", "init_args": {
+            "save_dir": str(run_dir), "group": group, "name": f"{group}/{name}/seed{seed}", **config.wandb}})
     trainer["callbacks"] = [{"class_path": "ModelCheckpoint", "init_args": {"dirpath": str(run_dir), "save_top_k": 0, "save_last": True}}]
     return recipe
 
