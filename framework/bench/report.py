@@ -155,9 +155,9 @@ def to_wandb(rows: dict[str, dict[str, Any]], out: Path, wandb_args: dict[str, A
     offline = args.pop("offline", None)
     if offline or (offline is None and "WANDB_MODE" not in os.environ and not _wandb_has_credentials()):
         args["mode"] = "offline"
-    columns = ["method", *next(iter(rows.values())).keys()]
-    table = wandb.Table(columns=columns, data=[[name, *(json.dumps(v) if isinstance(v, list) else v for v in row.values())]
-                                                for name, row in rows.items()])
+    keys = list(dict.fromkeys(k for row in rows.values() for k in row))  # rows differ (ratios, floor)
+    cell = lambda v: json.dumps(v) if isinstance(v, list) else v  # noqa: E731
+    table = wandb.Table(columns=["method", *keys], data=[[name, *(cell(row.get(k)) for k in keys)] for name, row in rows.items()])
     run = wandb.init(dir=str(out), group=out.name, name=f"{out.name}/results", job_type="bench", **args)
     run.log({"results": table, **{p.stem: wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}})
     run.finish()
