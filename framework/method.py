@@ -28,6 +28,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from framework.module import PeftModule
 
 
+def copy_parameters(model: nn.Module, state: dict[str, torch.Tensor], owner: str) -> None:
+    """Copy ``state`` (parameter name -> tensor) into ``model``; unknown names are an error."""
+    params = dict(model.named_parameters())
+    unknown = sorted(state.keys() - params.keys())
+    if unknown:
+        raise KeyError(f"{owner}: the stored weights do not fit this model (unexpected: {unknown[:5]})")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
 class MergeNotSupportedError(NotImplementedError):
     """Raised by :meth:`PeftMethod.merge` for methods whose math cannot fold into the weights."""
 
@@ -132,3 +143,22 @@ class PeftMethod(ABC):
         """The hyper-parameters this instance was built with (its typed ``__init__`` arguments,
         kept as same-named attributes)."""
         return init_args(self)
+
+
+class MergeableLayers:
+    """Mixin for methods whose wrapper layers merge themselves (``merge()``/``unmerge()``):
+    :attr:`layer_type` names the wrapper class; merging visits every such layer."""
+
+    layer_type: type[nn.Module]
+
+    @classmethod
+    def layers(cls, model: nn.Module) -> list[Any]:
+        return [m for m in model.modules() if isinstance(m, cls.layer_type)]
+
+    def merge(self, model: nn.Module) -> None:
+        for layer in self.layers(model):
+            layer.merge()
+
+    def unmerge(self, model: nn.Module) -> None:
+        for layer in self.layers(model):
+            layer.unmerge()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from framework.method import PeftMethod
+from framework.method import PeftMethod, copy_parameters
 from fw_prefix.encoder import PrefixEncoder
 from fw_prefix.inject import MODULE_NAME, add_prefix
 
@@ -92,13 +92,7 @@ class PrefixTuning(PeftMethod):
         encoder = self.prefix_encoder(model)
         encoder.use_stored(state.pop(STORED_KEY))
         encoder.requires_grad_(False)
-        params = dict(model.named_parameters())
-        unknown = sorted(state.keys() - params.keys())
-        if unknown:
-            raise KeyError(f"PrefixTuning: the stored weights do not fit this model (unexpected: {unknown[:5]})")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        copy_parameters(model, state, type(self).__name__)
 
 
 __all__ = ["PrefixTuning", "STORED_KEY"]

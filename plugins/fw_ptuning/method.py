@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from framework.method import PeftMethod
+from framework.method import PeftMethod, copy_parameters
 from fw_prompt import MODULE_NAME, add_virtual_tokens
 from fw_ptuning.encoder import PromptEncoder
 
@@ -108,18 +108,7 @@ class PTuning(PeftMethod):
         encoder = self.prompt_encoder(model)
         encoder.use_stored(state.pop(STORED_KEY))
         encoder.requires_grad_(False)
-        load_plain(model, state, type(self).__name__)
-
-
-def load_plain(model: nn.Module, state: dict[str, torch.Tensor], owner: str) -> None:
-    """Copy ``state`` (parameter name -> tensor) into ``model``; unknown names are an error."""
-    params = dict(model.named_parameters())
-    unknown = sorted(state.keys() - params.keys())
-    if unknown:
-        raise KeyError(f"{owner}: the stored weights do not fit this model (unexpected: {unknown[:5]})")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+        copy_parameters(model, state, type(self).__name__)
 
 
 __all__ = ["PTuning", "STORED_KEY"]
