@@ -26,14 +26,14 @@ from torch import nn
 
 from framework.architectures import role_patterns
 from framework.backbone import DTYPES
-from framework.method import PeftMethod
+from framework.method import MergeableLayers, PeftMethod
 from framework.targeting import find_modules, set_submodule
 from fw_ia3.layer import IA3Linear
 
 FIELD = "model.method.init_args"
 
 
-class IA3(PeftMethod):
+class IA3(MergeableLayers, PeftMethod):
     """IA³: learned vectors rescaling keys, values and feed-forward inner activations (mergeable).
 
     Args:
@@ -44,6 +44,7 @@ class IA3(PeftMethod):
     """
 
     description = "IA³: learned vectors rescaling keys, values and feed-forward activations (mergeable)"
+    layer_type = IA3Linear
 
     def __init__(
         self,
@@ -78,17 +79,6 @@ class IA3(PeftMethod):
                 set_submodule(model, name, wrapped)
                 self.record(name, f"IA³ {scale} scale (+{wrapped.ia3_l.numel():,})")
 
-    @staticmethod
-    def layers(model: nn.Module) -> list[IA3Linear]:
-        return [m for m in model.modules() if isinstance(m, IA3Linear)]
-
-    def merge(self, model: nn.Module) -> None:
-        for layer in self.layers(model):
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for layer in self.layers(model):
-            layer.unmerge()
 
 
 __all__ = ["IA3"]

@@ -27,12 +27,12 @@ from torch import nn
 
 from framework.architectures import role_patterns
 from framework.backbone import DTYPES
-from framework.method import PeftMethod
+from framework.method import MergeableLayers, PeftMethod
 from framework.targeting import find_modules, set_submodule
 from fw_lora.layer import LoRALinear
 
 
-class LoRA(PeftMethod):
+class LoRA(MergeableLayers, PeftMethod):
     """Low-rank updates B·A on chosen Linear layers; mergeable into the base weights.
 
     Args:
@@ -46,8 +46,9 @@ class LoRA(PeftMethod):
     """
 
     description = "LoRA: trainable low-rank updates B·A on chosen Linear layers (mergeable)"
-    #: the wrapper put around each target (hybrids substitute a subclass, e.g. a gated one)
-    layer_class: type[LoRALinear] = LoRALinear
+    #: the wrapper put around each target, and what merge() visits (hybrids substitute a
+    #: subclass, e.g. a gated one)
+    layer_type: type[LoRALinear] = LoRALinear
 
     def __init__(
         self,
@@ -80,22 +81,11 @@ class LoRA(PeftMethod):
     def attach(self, model: nn.Module) -> None:
         dtype = None if self.dtype == "base" else DTYPES[self.dtype]
         for name, layer in self.target_modules(model):
-            wrapped = self.layer_class(layer, self.r, self.alpha, self.dropout, self.rslora, dtype)
+            wrapped = self.layer_type(layer, self.r, self.alpha, self.dropout, self.rslora, dtype)
             set_submodule(model, name, wrapped)
             added = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
             self.record(name, f"LoRA r={self.r} (+{added:,})")
 
-    @staticmethod
-    def layers(model: nn.Module) -> list[LoRALinear]:
-        return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-    def merge(self, model: nn.Module) -> None:
-        for layer in self.layers(model):
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for layer in self.layers(model):
-            layer.unmerge()
 
     @staticmethod
     def unload(model: nn.Module) -> nn.Module:

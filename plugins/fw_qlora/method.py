@@ -271,14 +271,9 @@ class QLoRA(LoRA):
         recipe and the adapter checkpoint instead. Merging back into 4 bits is not offered: it
         would round the update away.
         """
-        for layer in self.layers(model):
-            layer.merge()
+        super().merge(model)
         _dequantize_rest(model)
         model.to(DTYPES[self.merge_dtype])
-
-    def unmerge(self, model: nn.Module) -> None:
-        for layer in self.layers(model):
-            layer.unmerge()
 
     def unload(self, model: nn.Module) -> nn.Module:  # type: ignore[override]
         """:func:`merged_model` in this method's ``merge_dtype``."""

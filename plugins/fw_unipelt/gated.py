@@ -56,7 +56,7 @@ class GatedLoRA(LoRA):
     """LoRA with UniPELT's gate on every adapted layer."""
 
     description = "LoRA with an input-dependent gate per layer (UniPELT's LoRA part)"
-    layer_class = GatedLoRALinear
+    layer_type = GatedLoRALinear
 
 
 class GatedPrefixTuning(PrefixTuning):
