@@ -33,11 +33,10 @@ class Bottleneck(nn.Module):
         return self.up(self.act(self.down(x.to(dtype))))
 
 
-class SerialAdapter(nn.Module):
-    """Wraps a sub-layer's output projection: ``y = base(x); y + scaling · gate · adapter(y)``
-    (Houlsby et al. 2019: the adapter sits after the projection, before the residual)."""
+class _AdapterWrapper(nn.Module):
+    """A sub-layer's output projection plus ``scaling · gate(x) · adapter(x)``."""
 
-    def __init__(self, base_layer: nn.Module, adapter: Bottleneck, scaling: float = 1.0,
+    def __init__(self, base_layer: nn.Module, adapter: Bottleneck, scaling: float,
                  gate: SequenceGate | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -45,26 +44,34 @@ class SerialAdapter(nn.Module):
         self.scaling = scaling
         self.gate = gate
 
-    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(*args, **kwargs)
-        delta = self.adapter(out)
+    def add_adapter(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        delta = self.adapter(x)
         if self.gate is not None:
-            delta = delta * self.gate(out)
+            delta = delta * self.gate(x)
         return out + (delta * self.scaling).to(out.dtype)
 
 
-class ParallelAdapter(nn.Module):
+class SerialAdapter(_AdapterWrapper):
+    """Wraps a sub-layer's output projection: ``y = base(x); y + scaling · gate · adapter(y)``
+    (Houlsby et al. 2019: the adapter sits after the projection, before the residual)."""
+
+    def __init__(self, base_layer: nn.Module, adapter: Bottleneck, scaling: float = 1.0,
+                 gate: SequenceGate | None = None) -> None:
+        super().__init__(base_layer, adapter, scaling, gate)
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(*args, **kwargs)
+        return self.add_adapter(out, out)
+
+
+class ParallelAdapter(_AdapterWrapper):
     """Wraps a sub-layer's output projection and adds ``scaling · adapter(sub-layer input)``
     (He et al. 2022). The sub-layer's input is captured by a forward pre-hook on the
     sub-layer's first projection (:meth:`capture_from`)."""
 
     def __init__(self, base_layer: nn.Module, adapter: Bottleneck, scaling: float = 4.0,
                  gate: SequenceGate | None = None) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapter = adapter
-        self.scaling = scaling
-        self.gate = gate
+        super().__init__(base_layer, adapter, scaling, gate)
         self._input: torch.Tensor | None = None
 
     def capture_from(self, module: nn.Module) -> None:
@@ -78,7 +85,4 @@ class ParallelAdapter(nn.Module):
         x, self._input = self._input, None
         if x is None:
             raise RuntimeError("ParallelAdapter: the sub-layer's input was not captured before its output projection ran")
-        delta = self.adapter(x)
-        if self.gate is not None:
-            delta = delta * self.gate(x)
-        return out + (delta * self.scaling).to(out.dtype)
+        return self.add_adapter(out, x)
