@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from framework import data as _data  # noqa: F401  (short class names in recipes: ClassificationData, ...)
 from framework import registry
+from framework.config import deep_update
 from framework.module import PeftModule
 from framework.predictions import PredictionWriter
 from framework.summary import RunSummary
@@ -201,7 +202,7 @@ def inspect_main(argv: list[str]) -> int:
     for path in args.config:
         with open(path) as f:
             recipe = yaml.safe_load(f) or {}
-        _deep_update(model_config, recipe.get("model") or {})
+        deep_update(model_config, recipe.get("model") or {})
         seed = recipe.get("seed_everything", seed) or 0
     if not model_config:
         parser.error(f"{args.config[-1]}: the recipe has no `model` section")
@@ -217,14 +218,6 @@ def inspect_main(argv: list[str]) -> int:
     else:
         print(module.summary_text())
     return 0
-
-
-def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
 
 
 def bench_main(argv: list[str]) -> int:

@@ -32,3 +32,13 @@ def to_config(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return {"class_path": class_path(value), "init_args": to_config(init_args(value))}
+
+
+def deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into ``base`` in place (nested mappings merge, anything else replaces)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base

@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from framework.config import deep_update
+
 
 @dataclass
 class BenchConfig:
@@ -57,15 +59,6 @@ class BenchConfig:
         base = Path(path).parent
         raw["recipe"] = str((base / raw["recipe"]).resolve()) if not Path(raw["recipe"]).is_file() else raw["recipe"]
         return cls(**raw)
-
-
-def deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 def run_recipe(config: BenchConfig, name: str, seed: int, run_dir: Path) -> dict[str, Any]:
