@@ -182,28 +182,28 @@ class TextDataModule(LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int, collate_split: str | None = None) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, batch_size: int, collate_split: str | None = None,
+                sampler: DistributedSampler | None = None) -> DataLoader:
         assert self.encoded is not None, "call setup() first"
-        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             self.encoded[split],
             batch_size=batch_size,
             shuffle=shuffle,
-            generator=generator if shuffle else None,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=lambda rows: self.collate(collate_split or split, rows),
         )
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train", self.shuffle, self.batch_size)
         trainer = self.trainer
-        if self.shuffle or trainer is None or trainer.world_size == 1:
-            return loader
-        # Lightning's own distributed sampler always shuffles training data; keep the file's
-        # order (rank r reads rows r, r + world_size, ...) when shuffling is off
-        sampler = DistributedSampler(loader.dataset, trainer.world_size, trainer.global_rank, shuffle=False)
-        return DataLoader(loader.dataset, batch_size=self.batch_size, sampler=sampler,
-                          num_workers=self.num_workers, collate_fn=loader.collate_fn)
+        sampler = None
+        if not self.shuffle and trainer is not None and trainer.world_size > 1:
+            # Lightning's own distributed sampler always shuffles training data; keep the
+            # file's order (rank r reads rows r, r + world_size, ...) when shuffling is off
+            assert self.encoded is not None, "call setup() first"
+            sampler = DistributedSampler(self.encoded["train"], trainer.world_size, trainer.global_rank, shuffle=False)
+        return self._loader("train", self.shuffle, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", False, self.eval_batch_size)
