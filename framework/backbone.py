@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -200,7 +201,7 @@ class Backbone:
             return target
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        print(f"fw: de-quantizing {gguf.name} once into {target} (later runs load the cached copy)")
+        print(f"fw: de-quantizing {gguf.name} once into {target} (later runs load the cached copy)", file=sys.stderr)
         loaded = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
         config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
         if hasattr(config, "quantization_config"):
