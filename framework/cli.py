@@ -257,7 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, registry.UnknownMethodError) as err:
         print(f"fw: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Leave torch.distributed before the interpreter exits. Lightning destroys only NCCL
+    groups at exit; a gloo group left open can abort the process while it shuts down
+    ("terminate called without an active exception", seen once in a sharded `fw validate`)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
