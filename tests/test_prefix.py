@@ -137,7 +137,8 @@ def test_a_model_that_ignores_the_cache_is_an_error_not_a_silent_no_op(build):
     module = build(prefix_recipe(TINY_GPT2, "CausalLM", prefix_length=2))
     injector = PrefixInjector(module.model.prefix_encoder)
     _, kwargs = injector.before_forward(module.model, (), {"input_ids": torch.randint(1000, 2000, (1, 4))})
-    assert kwargs["past_key_values"].get_seq_length() == 2 and kwargs["attention_mask"].shape == (1, 6)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # `cache` from transformers 5.24 on
+    assert cache.get_seq_length() == 2 and kwargs["attention_mask"].shape == (1, 6)
     with pytest.raises(RuntimeError, match="did not read the prefix in layers \\[0, 1\\]"):
         injector.after_forward(module.model, (), kwargs, None)  # as if no layer had read past_key_values
 

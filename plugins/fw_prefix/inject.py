@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from fw_prefix.encoder import PrefixEncoder
 from fw_prefix.shapes import check_supported, kv_shape
 from fw_prompt.inputs import (
+    cache_keyword,
     check_length,
     extend_positions,
     forward_kwargs,
@@ -105,12 +106,13 @@ class PrefixInjector:
         kw = forward_kwargs(model, args, kwargs)
         batch, length, device = input_size(kw)
         p = self.prefix_length
-        cache = kw.get("past_key_values")
+        key = cache_keyword(model, kw)
+        cache = kw.get(key)
         past = seen_positions(cache)
         if past == 0:
             check_length(self.max_positions, p, length, self.field)
             cache = self._fill(model, kw, cache, batch, device)
-            kw["past_key_values"] = cache
+            kw[key] = cache
             past = p
         elif getattr(cache, CACHE_MARK, None) != p:
             raise ValueError(

@@ -23,11 +23,13 @@ import torch
 from torch import nn
 
 from fw_prompt.inputs import (
+    cache_keyword,
     check_length,
     extend_positions,
     forward_kwargs,
     input_size,
     mark,
+    output_cache,
     position_limit,
     prepend,
     seen_positions,
@@ -72,7 +74,7 @@ class VirtualTokenInjector:
         kw = forward_kwargs(model, args, kwargs)
         batch, length, _ = input_size(kw)
         p = self.num_virtual_tokens
-        cache = kw.get("past_key_values")
+        cache = kw.get(cache_keyword(model, kw))
         past = seen_positions(cache)
         if past and getattr(cache, CACHE_MARK, None) != p:
             raise ValueError(
@@ -111,7 +113,7 @@ class VirtualTokenInjector:
 
     def after_forward(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         added, self._added = self._added, 0
-        mark(getattr(output, "past_key_values", None), CACHE_MARK, self.num_virtual_tokens)
+        mark(output_cache(output), CACHE_MARK, self.num_virtual_tokens)
         logits = getattr(output, "logits", None)
         if added and isinstance(logits, torch.Tensor) and logits.dim() >= 3 and logits.shape[1] == self._length:
             output.logits = logits[:, added:]

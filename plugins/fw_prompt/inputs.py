@@ -38,6 +38,25 @@ def forward_kwargs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     return out
 
 
+def cache_keyword(model: nn.Module, kwargs: dict[str, Any]) -> str:
+    """The forward keyword of the key/value cache: the one the caller used, else ``cache``
+    where the model takes it (transformers 5.24 renamed ``past_key_values`` to ``cache``),
+    else ``past_key_values``."""
+    for name in ("cache", "past_key_values"):
+        if kwargs.get(name) is not None:
+            return name
+    for candidate in (model, getattr(model, "base_model", model)):
+        if "cache" in inspect.signature(type(candidate).forward).parameters:
+            return "cache"
+    return "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The key/value cache a forward call returned (``cache``, or ``past_key_values`` before 5.24)."""
+    fields = getattr(output, "keys", lambda: ())()
+    return output.get("cache") if "cache" in fields else getattr(output, "past_key_values", None)
+
+
 def input_size(kwargs: dict[str, Any]) -> tuple[int, int, torch.device]:
     """(batch size, number of new positions, device) of a forward call."""
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
