@@ -1,14 +1,20 @@
 """Inference latency of one trained run: base model, method unmerged, method merged, on the
-same batch. Run in a fresh process (``python -m framework.bench.latency RECIPE CKPT OUT``)."""
+same batch. Run in a fresh process (``python -m framework.bench.latency RECIPE CKPT OUT``).
+
+The variants are timed round-robin (base, unmerged, merged, base, ...) rather than one after
+the other, so a slow spell of a shared machine falls on all of them alike and their ratios
+stay meaningful; each figure is the median of ``repeats`` forwards.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -16,16 +22,20 @@ import yaml
 from framework.method import MergeNotSupportedError
 
 
-def _median_seconds(fn: Any, repeats: int, warmup: int = 2) -> float:
+def interleaved_medians(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each call, timing them in turn ``repeats`` times after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for round_ in range(warmup + repeats):
+            for name, call in calls.items():
+                sync()
+                t0 = time.perf_counter()
+                call()
+                sync()
+                if round_ >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def measure(recipe_path: str, ckpt_path: str, repeats: int = 10) -> dict[str, Any]:
@@ -40,19 +50,20 @@ def measure(recipe_path: str, ckpt_path: str, repeats: int = 10) -> dict[str, An
     batch = next(iter(data.test_dataloader()))
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     model = module.model.eval()
-    out: dict[str, Any] = {"latency_batch": list(inputs["input_ids"].shape)}
-    out["latency_unmerged_s"] = _median_seconds(lambda: model(**inputs), repeats)
-    if module.method is None:
-        out["latency_base_s"] = out["latency_unmerged_s"]
+    out: dict[str, Any] = {"latency_batch": list(inputs["input_ids"].shape), "latency_repeats": repeats}
+    if module.method is None:  # full fine-tuning: the trained model is the base
+        out["latency_base_s"] = out["latency_unmerged_s"] = interleaved_medians({"m": lambda: model(**inputs)}, repeats)["m"]
         return out
+    base = build_module({k: v for k, v in recipe["model"].items() if k != "method"} | {"method": None}).model.eval()
+    calls = {"base": lambda: base(**inputs), "unmerged": lambda: model(**inputs)}
     try:
-        module.method.merge(model)
-        out["latency_merged_s"] = _median_seconds(lambda: model(**inputs), repeats)
+        merged = copy.deepcopy(model)
+        module.method.merge(merged)
+        calls["merged"] = lambda: merged(**inputs)
     except MergeNotSupportedError:
-        out["latency_merged_s"] = None
-    base = build_module({k: v for k, v in recipe["model"].items() if k != "method"} | {"method": None})
-    base.model.eval()
-    out["latency_base_s"] = _median_seconds(lambda: base.model(**inputs), repeats)
+        pass
+    medians = interleaved_medians(calls, repeats)
+    out.update({f"latency_{name}_s": medians.get(name) for name in ("base", "unmerged", "merged")})
     return out
 
 

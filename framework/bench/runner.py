@@ -133,7 +133,9 @@ def train_losses(metrics_csv: Path) -> list[float]:
 def run_matrix(config: BenchConfig, log: Any = print) -> list[dict[str, Any]]:
     """Every method x seed, skipping runs already done (resume); returns every record."""
     out = Path(config.output_dir).resolve()
-    jobs = [(name, seed) for name in config.methods for seed in config.seeds]
+    # seed-major: a method and its PEFT reference run minutes apart, not an hour apart, so a
+    # slow spell of a shared machine does not land on one side of a fw/PEFT ratio only
+    jobs = [(name, seed) for seed in config.seeds for name in config.methods]
     records = []
     for index, (name, seed) in enumerate(jobs, 1):
         run_dir = out / "runs" / name / f"seed{seed}"
