@@ -33,6 +33,8 @@ class MeanPooling:
         elif mask.shape[1] < hidden.shape[1]:  # virtual tokens prepended by a prompt method
             extra = mask.new_ones(mask.shape[0], hidden.shape[1] - mask.shape[1])
             mask = torch.cat([extra, mask], dim=1)
+        elif mask.shape[1] > hidden.shape[1]:  # the mask also covers prefix key/values in front
+            mask = mask[:, -hidden.shape[1]:]
         weights = mask.to(hidden.dtype)[..., None]
         mean = (hidden * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1)
         pooled = torch.cat([mean, hidden[:, 1:]], dim=1)

@@ -2,8 +2,8 @@
 
 The reference side of fw's benchmarks: the same ``PeftModule`` loop trains them, so a
 difference in step time or memory is the layers' own. Only the tuners PEFT can inject into
-an existing model are offered (LoRA, IA³); PEFT's prompt-learning methods wrap the model
-instead and are compared outside this plugin.
+an existing model are here (LoRA, IA³); PEFT's prompt-learning methods wrap the model
+instead (:mod:`fw_hfpeft.prompt_learning`).
 """
 
 from __future__ import annotations
