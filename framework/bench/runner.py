@@ -13,7 +13,8 @@ A bench config (``recipes/bench/*.yaml``)::
       peft_lora: {method: {class_path: peft_lora, init_args: {r: 8}}, reference_of: lora}
 
 Each run is its own process, so its peak memory is its own (CPU: peak RSS, and its rise
-above the RSS at fit start; GPU: CUDA peak allocated). A run whose ``bench.json`` exists is
+above the RSS at fit start; GPU: CUDA peak allocated). Inference latency is measured in
+another process, on each method's first seed. A run whose ``bench.json`` exists is
 skipped: an interrupted matrix resumes where it stopped.
 """
 
@@ -97,8 +98,9 @@ def _fw(*args: str, cwd: Path) -> None:
         raise RuntimeError(f"bench run in {cwd} failed (exit {done.returncode}); see {cwd / 'error.log'}:\n{done.stderr[-2000:]}")
 
 
-def run_one(config: BenchConfig, name: str, seed: int, run_dir: Path) -> dict[str, Any]:
-    """Fit, save the adapter, measure latency and checkpoint size; returns the run's record."""
+def run_one(config: BenchConfig, name: str, seed: int, run_dir: Path, latency: bool = True) -> dict[str, Any]:
+    """Fit, save the adapter, measure checkpoint size and (``latency``) inference latency;
+    returns the run's record."""
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = run_recipe(config, name, seed, run_dir)
     recipe_path = run_dir / "recipe.yaml"
@@ -108,15 +110,17 @@ def run_one(config: BenchConfig, name: str, seed: int, run_dir: Path) -> dict[st
     if not ckpt.is_file():
         raise RuntimeError(f"bench run {name}/seed {seed}: no checkpoint was written in {run_dir}")
     latency_path = run_dir / "latency.json"
-    done = subprocess.run([sys.executable, "-m", "framework.bench.latency", str(recipe_path), str(ckpt), str(latency_path)],
-                          cwd=run_dir, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"latency of {name}/seed {seed} failed:\n{done.stderr[-2000:]}")
+    if latency:
+        done = subprocess.run([sys.executable, "-m", "framework.bench.latency", str(recipe_path), str(ckpt), str(latency_path)],
+                              cwd=run_dir, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"latency of {name}/seed {seed} failed:\n{done.stderr[-2000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     losses = train_losses(run_dir / "metrics.csv")
     record = {
         **summary, "method_class": summary["method"], "method": name, "seed": seed,
-        "reference_of": config.methods[name].get("reference_of"), **json.loads(latency_path.read_text()),
+        "reference_of": config.methods[name].get("reference_of"),
+        **(json.loads(latency_path.read_text()) if latency else {}),
         "checkpoint_bytes": ckpt.stat().st_size, "train_losses": losses,
     }
     (run_dir / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -145,5 +149,6 @@ def run_matrix(config: BenchConfig, log: Any = print) -> list[dict[str, Any]]:
             records.append(json.loads(done.read_text()))
             continue
         log(f"[{index}/{len(jobs)}] {name} seed {seed} ...")
-        records.append(run_one(config, name, seed, run_dir))
+        # latency depends on the method, not on the seed's weights: measured on the first seed
+        records.append(run_one(config, name, seed, run_dir, latency=seed == config.seeds[0]))
     return records
