@@ -92,3 +92,18 @@ def test_gpu_matrix_recipes_build_on_a_tiny_llama(tmp_path, capsys):
         assert main(["inspect", "--config", str(path), "--json"]) == 0
         counts[name] = json.loads(capsys.readouterr().out)["method_params"]
     assert counts["lora"] == counts["peft_lora"] == counts["qlora"] > 0
+
+
+def test_compare_step_times_fw_and_peft_round_robin_on_one_batch(capsys):
+    """tools/compare_step.py on the tiny bench backbone: every method steps, ratios come out."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_step", Path(__file__).parents[1] / "tools" / "compare_step.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    result = tool.main(["--recipe", str(TINY), "--methods", "lora", "peft_lora", "prefix", "peft_prefix",
+                        "--steps", "2", "--warmup", "1"])
+    assert result["batch"][0] == 8  # the tiny bench's batch size
+    assert set(result["fw_over_peft"]) == {"lora", "prefix"} and all(r > 0 for r in result["fw_over_peft"].values())
+    assert all(t > 0 for t in result["median_step_seconds"].values())
+    assert "fw/PEFT lora" in capsys.readouterr().out
