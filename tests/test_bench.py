@@ -107,3 +107,27 @@ def test_compare_step_times_fw_and_peft_round_robin_on_one_batch(capsys):
     assert set(result["fw_over_peft"]) == {"lora", "prefix"} and all(r > 0 for r in result["fw_over_peft"].values())
     assert all(t > 0 for t in result["median_step_seconds"].values())
     assert "fw/PEFT lora" in capsys.readouterr().out
+
+
+def test_claims_of_the_seeds_are_checked_from_the_rows():
+    from framework.bench import claims
+
+    def row(stored: int, trainable: int, base: float = 1.0, unmerged: float = 1.0, merged: float | None = None,
+            spread: float | None = 0.01) -> dict:
+        return {"stored_params": stored, "trainable_params": trainable, "latency_base_s": base, "latency_unmerged_s": unmerged,
+                "latency_merged_s": merged, "latency_spread": spread, "peak_memory_bytes": 2**30,
+                "median_step_seconds": 0.5, "score_vs_full": 1.0}
+
+    rows = {"full": {**row(100, 100), "peak_memory_bytes": 2**31, "median_step_seconds": 1.0},
+            "ia3": row(10, 12, merged=1.01), "lora": row(20, 22, unmerged=1.2, merged=1.10), "prefix": row(30, 300),
+            "pfeiffer": row(40, 42, unmerged=1.3), "prompt": row(5, 7)}
+    verdicts = {c["claim"]: c for c in claims.check(rows)}
+    assert len(verdicts) == 9  # BitFit's claim has no row here: skipped
+    assert verdicts["IA³ stores fewer parameters than LoRA, which stores fewer than prefix tuning"]["holds"]
+    assert verdicts["Merged IA³ adds no inference latency over the base model"]["holds"]  # +1 % is within the 2 % floor
+    lora = verdicts["Merged LoRA adds no inference latency over the base model"]
+    assert not lora["holds"] and "+10.0%" in lora["evidence"] and "±2.0%" in lora["evidence"]
+    assert verdicts["Serial adapters add inference latency (extra layers run in sequence)"]["holds"]
+    rows["lora"]["latency_spread"] = 0.06  # a noisy run: +10 % is within 2 x 6 %
+    assert claims.check(rows)[1]["holds"]
+    assert "## Claims of the seed documents" in claims.markdown(claims.check(rows))

@@ -3,7 +3,8 @@ same batch. Run in a fresh process (``python -m framework.bench.latency RECIPE C
 
 The variants are timed round-robin (base, unmerged, merged, base, ...) rather than one after
 the other, so a slow spell of a shared machine falls on all of them alike and their ratios
-stay meaningful; each figure is the median of ``repeats`` forwards.
+stay meaningful; each figure is the median of ``repeats`` forwards, and ``latency_spread``
+(the largest interquartile range over median among the variants) is the run's own noise.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import yaml
 from framework.method import MergeNotSupportedError
 
 
-def interleaved_medians(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each call, timing them in turn ``repeats`` times after ``warmup`` rounds."""
+def interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each call, timing them in turn ``repeats`` times after ``warmup`` rounds."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     with torch.inference_mode():
@@ -35,7 +36,13 @@ def interleaved_medians(calls: dict[str, Callable[[], Any]], repeats: int, warmu
                 sync()
                 if round_ >= warmup:
                     times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def spread(values: list[float]) -> float:
+    """Interquartile range over median: the run's own timing noise."""
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / statistics.median(values)
 
 
 def measure(recipe_path: str, ckpt_path: str, repeats: int = 10) -> dict[str, Any]:
@@ -52,7 +59,9 @@ def measure(recipe_path: str, ckpt_path: str, repeats: int = 10) -> dict[str, An
     model = module.model.eval()
     out: dict[str, Any] = {"latency_batch": list(inputs["input_ids"].shape), "latency_repeats": repeats}
     if module.method is None:  # full fine-tuning: the trained model is the base
-        out["latency_base_s"] = out["latency_unmerged_s"] = interleaved_medians({"m": lambda: model(**inputs)}, repeats)["m"]
+        times = interleaved_times({"m": lambda: model(**inputs)}, repeats)["m"]
+        out["latency_base_s"] = out["latency_unmerged_s"] = statistics.median(times)
+        out["latency_spread"] = spread(times)
         return out
     base = build_module({k: v for k, v in recipe["model"].items() if k != "method"} | {"method": None}).model.eval()
     calls = {"base": lambda: base(**inputs), "unmerged": lambda: model(**inputs)}
@@ -62,8 +71,10 @@ def measure(recipe_path: str, ckpt_path: str, repeats: int = 10) -> dict[str, An
         calls["merged"] = lambda: merged(**inputs)
     except MergeNotSupportedError:
         pass
-    medians = interleaved_medians(calls, repeats)
-    out.update({f"latency_{name}_s": medians.get(name) for name in ("base", "unmerged", "merged")})
+    times = interleaved_times(calls, repeats)
+    out.update({f"latency_{name}_s": statistics.median(times[name]) if name in times else None
+                for name in ("base", "unmerged", "merged")})
+    out["latency_spread"] = max(spread(t) for t in times.values())
     return out
 
 

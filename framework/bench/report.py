@@ -9,6 +9,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from framework.bench import claims
+
 
 def _mean(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
@@ -56,6 +58,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "latency_base_s": _mean([r.get("latency_base_s") for r in runs]),
             "latency_unmerged_s": _mean([r.get("latency_unmerged_s") for r in runs]),
             "latency_merged_s": _mean([r.get("latency_merged_s") for r in runs]),
+            "latency_spread": _mean([r.get("latency_spread") for r in runs]),
             "checkpoint_bytes": _mean([r["checkpoint_bytes"] for r in runs]),
             "score_metric": key,
             "score_mean": _mean(scores),
@@ -138,8 +141,9 @@ def plots(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 def write(records: list[dict[str, Any]], out: Path, title: str) -> dict[str, dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records)
-    (out / "results.json").write_text(json.dumps({"runs": records, "methods": rows}, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(rows, title))
+    checked = claims.check(rows)
+    (out / "results.json").write_text(json.dumps({"runs": records, "methods": rows, "claims": checked}, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(rows, title) + claims.markdown(checked))
     plots(rows, out)
     return rows
 
