@@ -63,6 +63,15 @@ def _fewest_trainable(rows: Rows, name: str, others: list[str]) -> tuple[bool, s
     return all(mine <= v for v in rest.values()), f"{name} {mine:,} vs " + ", ".join(f"{o} {v:,}" for o, v in rest.items())
 
 
+def _least_memory(rows: Rows, name: str, others: list[str]) -> tuple[bool, str]:
+    mine = rows[name]["peak_memory_bytes"]
+    rest = {o: rows[o]["peak_memory_bytes"] for o in others}
+    return all(mine <= v for v in rest.values()), f"{name} {mine / 2**20:,.0f} MiB vs " + ", ".join(
+        f"{o} {v / 2**20:,.0f}" for o, v in rest.items())
+
+
+PEFT_ROWS = ["lora", "ia3", "bitfit", "prefix", "pfeiffer"]
+
 #: (claim as the seeds state it, the rows it needs, the check)
 CLAIMS: list[tuple[str, list[str], Callable[[Rows], tuple[bool, str]]]] = [
     ("IA³ stores fewer parameters than LoRA, which stores fewer than prefix tuning",
@@ -72,8 +81,10 @@ CLAIMS: list[tuple[str, list[str], Callable[[Rows], tuple[bool, str]]]] = [
     ("Merged BitFit adds no inference latency over the base model", ["bitfit"], lambda r: _merged_free(r, "bitfit")),
     ("Serial adapters add inference latency (extra layers run in sequence)", ["pfeiffer"],
      lambda r: _slower_than_base(r, "pfeiffer")),
-    ("Prompt tuning trains the fewest parameters of the PEFT methods", ["prompt", "lora", "ia3", "prefix", "pfeiffer"],
-     lambda r: _fewest_trainable(r, "prompt", ["lora", "ia3", "prefix", "pfeiffer"])),
+    ("Prompt tuning trains the fewest parameters of the PEFT methods", ["prompt", *PEFT_ROWS],
+     lambda r: _fewest_trainable(r, "prompt", PEFT_ROWS)),
+    ("Prompt tuning has the smallest training memory of the PEFT methods", ["prompt", *PEFT_ROWS],
+     lambda r: _least_memory(r, "prompt", PEFT_ROWS)),
     ("LoRA needs less training memory than full fine-tuning", ["lora", "full"], lambda r: _less_memory_than_full(r, "lora")),
     ("Prompt tuning needs less training memory than full fine-tuning", ["prompt", "full"],
      lambda r: _less_memory_than_full(r, "prompt")),

@@ -8,6 +8,7 @@ instead (:mod:`fw_hfpeft.prompt_learning`).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
@@ -53,6 +54,15 @@ def _suffixes(model: nn.Module, roles: list[str]) -> list[str]:
     return role_patterns(model, roles, field=f"{FIELD}.targets")
 
 
+def peft_pattern(patterns: list[str]) -> list[str] | str:
+    """fw target patterns (module-name suffixes, or ``re:`` regular expressions over the full
+    name) in PEFT's terms: the suffix list as is, or one regular expression PEFT full-matches
+    when any pattern is a regex (PEFT reads a list as suffixes only)."""
+    if not any(p.startswith("re:") for p in patterns):
+        return patterns
+    return "|".join(f"(?:{p[3:]})" if p.startswith("re:") else rf"(?:.*\.)?{re.escape(p)}" for p in patterns)
+
+
 class PeftLoRA(_Injected):
     """Hugging Face PEFT's LoRA layers (for comparison with fw's ``lora``).
 
@@ -72,7 +82,7 @@ class PeftLoRA(_Injected):
         from peft import LoraConfig
 
         targets = self.targets or _suffixes(model, ["query", "value"])
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=targets, lora_dropout=self.dropout)
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=peft_pattern(targets), lora_dropout=self.dropout)
 
 
 class PeftIA3(_Injected):
@@ -88,4 +98,4 @@ class PeftIA3(_Injected):
         from peft import IA3Config
 
         kv, ffn = _suffixes(model, ["key", "value"]), _suffixes(model, ["ffn_down"])
-        return IA3Config(target_modules=kv + ffn, feedforward_modules=ffn)
+        return IA3Config(target_modules=peft_pattern(kv + ffn), feedforward_modules=peft_pattern(ffn))

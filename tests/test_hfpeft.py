@@ -1,8 +1,9 @@
-"""Hugging Face PEFT's prompt-learning methods as fw methods (``peft_prompt``, ``peft_ptuning``,
-``peft_prefix``): the benchmark references of fw's ``prompt``, ``ptuning`` and ``prefix``.
+"""Hugging Face PEFT's implementations as fw methods (``peft_lora``, ``peft_ia3``, ``peft_prompt``,
+``peft_ptuning``, ``peft_prefix``): the benchmark references of fw's methods.
 
-They must be the same method as fw's (same counts; the same weights give the same logits,
-mean pooling and padding included), train in fw's loop, and round-trip fw's checkpoints.
+They must be the same method as fw's (same counts and modules; the same weights give the same
+logits, mean pooling and padding included), train in fw's loop, and round-trip fw's
+checkpoints.
 """
 
 from __future__ import annotations
@@ -32,6 +33,27 @@ def padded_batch() -> dict[str, torch.Tensor]:
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+@pytest.mark.parametrize("fw", ["lora", "ia3"])
+def test_injected_layers_target_what_fws_method_targets(build, fw):
+    """fw's targets (suffixes and ``re:`` patterns: IA³'s FFN down projection) reach PEFT."""
+    ours, theirs = build(recipe(fw)), build(recipe(f"peft_{fw}"))
+    assert theirs.param_counts() == ours.param_counts()
+    assert sorted(theirs.modified_modules()) == sorted(ours.modified_modules())
+
+
+def test_ia3_same_vectors_same_logits(build):
+    ours, theirs = build(recipe("ia3"), seed=1).eval(), build(recipe("peft_ia3"), seed=1).eval()
+    vectors = [p for n, p in ours.model.named_parameters() if "ia3_l" in n]
+    peft_vectors = [p for n, p in theirs.model.named_parameters() if "ia3_l" in n]  # in the same module order
+    assert len(vectors) == len(peft_vectors) == 3 * TINY_BERT["num_hidden_layers"]
+    with torch.no_grad():
+        for mine, peft_vector in zip(vectors, peft_vectors):
+            mine.uniform_(0.5, 1.5)
+            peft_vector.copy_(mine.reshape(peft_vector.shape))
+        batch = padded_batch()
+        torch.testing.assert_close(theirs.model(**batch).logits, ours.model(**batch).logits)
 
 
 @pytest.mark.parametrize("fw,args", [("prompt", {"num_virtual_tokens": 4}),
