@@ -2,8 +2,9 @@
 footprints, a taxonomy) that a benchmark matrix can check, checked on its aggregated rows.
 
 Each check needs certain rows (methods by bench name) and is skipped when a matrix lacks
-them. A verdict is the measured comparison, not an opinion: ``holds`` is True or False and
-``evidence`` gives the figures. Latency is "within noise" when the difference is below
+them. A verdict is the measured comparison, not an opinion: ``holds`` is True, False, or
+None where a claimed difference is smaller than the noise (cannot tell), and ``evidence``
+gives the figures. Latency is "within noise" when the difference is below
 :func:`latency_noise`.
 """
 
@@ -36,10 +37,11 @@ def _merged_free(rows: Rows, name: str) -> tuple[bool, str]:
     return abs(change) <= noise, f"{name} merged {change:+.1%} vs base (noise ±{noise:.1%})"
 
 
-def _slower_than_base(rows: Rows, name: str) -> tuple[bool, str]:
+def _slower_than_base(rows: Rows, name: str) -> tuple[bool | None, str]:
     r, noise = rows[name], latency_noise(rows, name)
     change = r["latency_unmerged_s"] / r["latency_base_s"] - 1
-    return change > noise, f"{name} {change:+.1%} vs base (noise ±{noise:.1%})"
+    holds = True if change > noise else False if change < -noise else None  # None: within noise, cannot tell
+    return holds, f"{name} {change:+.1%} vs base (noise ±{noise:.1%})"
 
 
 def _less_memory_than_full(rows: Rows, name: str) -> tuple[bool, str]:
@@ -73,7 +75,7 @@ def _least_memory(rows: Rows, name: str, others: list[str]) -> tuple[bool, str]:
 PEFT_ROWS = ["lora", "ia3", "bitfit", "prefix", "pfeiffer"]
 
 #: (claim as the seeds state it, the rows it needs, the check)
-CLAIMS: list[tuple[str, list[str], Callable[[Rows], tuple[bool, str]]]] = [
+CLAIMS: list[tuple[str, list[str], Callable[[Rows], tuple[bool | None, str]]]] = [
     ("IA³ stores fewer parameters than LoRA, which stores fewer than prefix tuning",
      ["ia3", "lora", "prefix"], lambda r: _stored(r, "ia3", "lora", "prefix")),
     ("Merged LoRA adds no inference latency over the base model", ["lora"], lambda r: _merged_free(r, "lora")),
@@ -107,5 +109,6 @@ def markdown(results: list[dict[str, Any]]) -> str:
     if not results:
         return ""
     lines = ["", "## Claims of the seed documents, checked on this matrix", "", "| claim | holds | measured |", "|---|---|---|"]
-    lines += [f"| {c['claim']} | {'yes' if c['holds'] else '**no**'} | {c['evidence']} |" for c in results]
+    verdict = {True: "yes", False: "**no**", None: "cannot tell (within noise)"}
+    lines += [f"| {c['claim']} | {verdict[c['holds']]} | {c['evidence']} |" for c in results]
     return "\n".join(lines) + "\n"
