@@ -94,18 +94,31 @@ def test_gpu_matrix_recipes_build_on_a_tiny_llama(tmp_path, capsys):
     assert counts["lora"] == counts["peft_lora"] == counts["qlora"] > 0
 
 
-def test_compare_step_times_fw_and_peft_round_robin_on_one_batch(capsys):
-    """tools/compare_step.py on the tiny bench backbone: every method steps, ratios come out."""
+def test_compare_step_times_fw_and_peft_round_robin_on_one_batch(tmp_path, capsys):
+    """tools/compare_step.py on the tiny bench backbone: every pair of the config steps,
+    step and saved-activation ratios come out, and fw's LoRA saves no more for backward than PEFT's."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("compare_step", Path(__file__).parents[1] / "tools" / "compare_step.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    result = tool.main(["--recipe", str(TINY), "--methods", "lora", "peft_lora", "prefix", "peft_prefix",
-                        "--steps", "2", "--warmup", "1"])
+    bench = yaml.safe_load(TINY.read_text())
+    bench["recipe"] = str((TINY.parent / bench["recipe"]).resolve())
+    bench["methods"].update({
+        "prefix": {"method": {"class_path": "prefix", "init_args": {"prefix_length": 4}}},
+        "peft_prefix": {"method": {"class_path": "peft_prefix", "init_args": {"prefix_length": 4}}, "reference_of": "prefix"},
+    })
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump(bench))
+    result = tool.main(["--bench", str(config), "--steps", "2", "--warmup", "1", "--memory"])
     assert result["batch"][0] == 8  # the tiny bench's batch size
-    assert set(result["fw_over_peft"]) == {"lora", "prefix"} and all(r > 0 for r in result["fw_over_peft"].values())
-    assert all(t > 0 for t in result["median_step_seconds"].values())
+    assert list(result["median_step_seconds"]) == ["lora", "peft_lora", "prefix", "peft_prefix"]
+    assert set(result["fw_over_peft"]) == {"lora", "prefix"}
+    assert all(r["step"] > 0 for r in result["fw_over_peft"].values())
+    saved = result["saved_activation_bytes"]
+    # a batch of 8 x <=128 positions of width 32 over 2 layers saves at least one hidden state
+    assert all(n > 8 * 32 * 4 for n in saved.values())
+    assert saved["lora"] <= saved["peft_lora"]
     assert "fw/PEFT lora" in capsys.readouterr().out
 
 

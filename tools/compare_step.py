@@ -2,68 +2,60 @@
 """fw vs Hugging Face PEFT, one training step at a time, in one process, on one batch.
 
 `fw bench` times each method in its own process, minutes apart; on a shared machine a slow
-spell can land on one side of a fw/PEFT ratio. This tool builds every method of the list on
-the same backbone (the recipe's), takes one real training batch from the recipe's data, and
-times full training steps (forward, loss, backward, AdamW step) *round-robin*: method A,
-method B, ..., A, B, ... so drift hits all alike. ``--profile`` then shows, per method, the
+spell can land on one side of a fw/PEFT ratio. This tool builds methods of a bench config
+(its recipe, overrides, method arguments and learning rates) on the same backbone, takes one
+real training batch from the recipe's data, and times full training steps (forward, loss,
+backward, AdamW step) *round-robin*: method A, method B, ..., A, B, ... so drift hits all
+alike. By default it takes every fw method with a PEFT reference (``reference_of``), the
+references, and the linear probe (the frozen-backbone floor) where the config has one.
+
+``--memory`` adds what decides training memory besides the weights, measured exactly rather
+than from RSS: the bytes of the tensors autograd saves for backward in one step (activations;
+the parameters they reference are not counted). ``--profile`` shows, per method, the
 operators that took the most CPU time in a few profiled steps: where a difference comes from.
 
-    python tools/compare_step.py                                   # quickstart backbone, the 5 pairs
+    python tools/compare_step.py                                    # the CPU bench's pairs
     python tools/compare_step.py --methods lora peft_lora --steps 30 --profile
-    python tools/compare_step.py --recipe recipes/bench/tiny.yaml  # a bench config: its recipe + overrides
+    python tools/compare_step.py --bench recipes/bench/tiny.yaml --memory
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-#: fw's method -> its Hugging Face PEFT reference, with the arguments the CPU bench uses
-PAIRS: dict[str, tuple[dict[str, Any], float]] = {
-    "linear_probe": ({"class_path": "linear_probe"}, 1e-2),
-    "lora": ({"class_path": "lora", "init_args": {"r": 8, "alpha": 16}}, 3e-3),
-    "peft_lora": ({"class_path": "peft_lora", "init_args": {"r": 8, "alpha": 16}}, 3e-3),
-    "ia3": ({"class_path": "ia3"}, 3e-2),
-    "peft_ia3": ({"class_path": "peft_ia3"}, 3e-2),
-    "prompt": ({"class_path": "prompt", "init_args": {"num_virtual_tokens": 20}}, 3e-2),
-    "peft_prompt": ({"class_path": "peft_prompt", "init_args": {"num_virtual_tokens": 20}}, 3e-2),
-    "ptuning": ({"class_path": "ptuning", "init_args": {"num_virtual_tokens": 20}}, 1e-2),
-    "peft_ptuning": ({"class_path": "peft_ptuning", "init_args": {"num_virtual_tokens": 20}}, 1e-2),
-    "prefix": ({"class_path": "prefix", "init_args": {"prefix_length": 30}}, 5e-3),
-    "peft_prefix": ({"class_path": "peft_prefix", "init_args": {"prefix_length": 30}}, 5e-3),
-}
 
 
-def load_recipe(path: Path) -> dict[str, Any]:
-    """A recipe, or a bench config's recipe with its overrides merged in."""
-    from framework.config import deep_update
-
-    raw = yaml.safe_load(path.read_text())
-    if "recipe" in raw and "methods" in raw:
-        recipe = yaml.safe_load((path.parent / raw["recipe"]).read_text())
-        deep_update(recipe, copy.deepcopy(raw.get("overrides", {})))
-        return recipe
-    return raw
+def default_methods(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """Each fw method that has a PEFT reference, then the reference; the linear probe first."""
+    chosen = ["linear_probe"] if "linear_probe" in methods else []
+    for name, spec in methods.items():
+        if spec.get("reference_of") in methods:
+            chosen += [spec["reference_of"], name]
+    return chosen
 
 
-def build(recipe: dict[str, Any], method: str) -> tuple[Any, torch.optim.Optimizer]:
+def build(config: Any, name: str) -> tuple[Any, torch.optim.Optimizer]:
+    """The method's module as its bench run builds it (seed 0), in training mode, with AdamW
+    at the run's learning rate."""
+    from framework.bench.runner import run_recipe
     from framework.cli import build_module
 
-    spec, lr = PAIRS[method]
+    with tempfile.TemporaryDirectory() as run_dir:
+        model = run_recipe(config, name, seed=0, run_dir=Path(run_dir))["model"]
     torch.manual_seed(0)
-    module = build_module({**recipe["model"], "method": spec})
+    module = build_module(model)
     module.model.train()
-    return module, torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+    return module, torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=module.learning_rate)
 
 
 def first_batch(recipe: dict[str, Any], tokenizer: Any) -> dict[str, torch.Tensor]:
@@ -82,18 +74,47 @@ def step(module: Any, optimizer: torch.optim.Optimizer, batch: dict[str, torch.T
     optimizer.zero_grad(set_to_none=True)
 
 
+def saved_activation_bytes(module: Any, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd keeps for backward in one forward (the weights
+    they point into excluded): a training step's activation memory, without RSS's noise."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss, _ = module.task.step(module.model, batch)
+    loss.backward()
+    module.zero_grad(set_to_none=True)
+    return sum(saved.values())
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from framework.bench.runner import BenchConfig, run_recipe
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "bench" / "cpu-minilm.yaml")
-    parser.add_argument("--methods", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--bench", type=Path, default=ROOT / "recipes" / "bench" / "cpu-minilm.yaml",
+                        help="bench config whose recipe, overrides and methods to use")
+    parser.add_argument("--methods", nargs="+", help="names under the config's `methods` (default: the PEFT pairs)")
     parser.add_argument("--steps", type=int, default=15, help="timed rounds (after --warmup)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--memory", action="store_true", help="also measure each step's saved activations")
     parser.add_argument("--profile", action="store_true", help="then profile 3 steps of each method")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
 
-    recipe = load_recipe(args.recipe)
-    built = {name: build(recipe, name) for name in args.methods}
+    config = BenchConfig.load(args.bench)
+    names = args.methods or default_methods(config.methods)
+    unknown = sorted(set(names) - set(config.methods))
+    if unknown:
+        parser.error(f"--methods {unknown} are not in {args.bench}; it has {sorted(config.methods)}")
+    built = {name: build(config, name) for name in names}
+    with tempfile.TemporaryDirectory() as run_dir:
+        recipe = run_recipe(config, names[0], seed=0, run_dir=Path(run_dir))
     batch = first_batch(recipe, next(iter(built.values()))[0].tokenizer)
     times: dict[str, list[float]] = {name: [] for name in built}
     for round_ in range(args.warmup + args.steps):
@@ -107,11 +128,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"batch {tuple(batch['input_ids'].shape)}, {args.steps} round-robin steps after {args.warmup} warm-up")
     for name, median in medians.items():
         print(f"  {name:14s} median {median * 1000:8.1f} ms   min {min(times[name]) * 1000:8.1f} ms")
-    for name in medians:
-        if f"peft_{name}" in medians:
-            ratio = medians[name] / medians[f"peft_{name}"]
-            result["fw_over_peft"][name] = ratio
-            print(f"  fw/PEFT {name}: {ratio:.3f}")
+    if args.memory:
+        result["saved_activation_bytes"] = {name: saved_activation_bytes(module, batch) for name, (module, _) in built.items()}
+        for name, nbytes in result["saved_activation_bytes"].items():
+            print(f"  {name:14s} saved for backward {nbytes / 2**20:8.1f} MiB")
+    for name, spec in config.methods.items():
+        fw_name = spec.get("reference_of")
+        if name in medians and fw_name in medians:
+            result["fw_over_peft"][fw_name] = ratios = {"step": medians[fw_name] / medians[name]}
+            if args.memory:
+                saved = result["saved_activation_bytes"]
+                ratios["saved_activations"] = saved[fw_name] / saved[name]
+            print(f"  fw/PEFT {fw_name}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
