@@ -122,6 +122,16 @@ def test_compare_step_times_fw_and_peft_round_robin_on_one_batch(tmp_path, capsy
     assert "fw/PEFT lora" in capsys.readouterr().out
 
 
+def test_fw_over_peft_is_the_median_of_same_seed_ratios():
+    """One fw run caught in a slow spell (seed 3) does not set the ratio; a seed PEFT lacks is skipped."""
+    from framework.bench.report import paired_ratio
+
+    fw = [{"seed": s, "t": t} for s, t in ((1, 1.0), (2, 1.02), (3, 1.5), (4, 9.0))]
+    peft = [{"seed": s, "t": t} for s, t in ((1, 1.0), (2, 1.0), (3, 1.0))]
+    assert paired_ratio(fw, peft, lambda r: r["t"]) == pytest.approx(1.02)
+    assert paired_ratio(fw, [], lambda r: r["t"]) is None
+
+
 def test_claims_of_the_seeds_are_checked_from_the_rows():
     from framework.bench import claims
 
