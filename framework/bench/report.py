@@ -127,12 +127,19 @@ def plots(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     from matplotlib import pyplot as plt
 
     names = list(rows)
+    is_peft = {n: rows[n]["reference_of"] in rows for n in names}  # PEFT's implementation of a fw row
+    colour = {n: f"C{i % 10}" for i, n in enumerate(n for n in names if not is_peft[n])}
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in names:
         r = rows[name]
-        ax.errorbar(max(r["trainable_pct"], 1e-4), r["score_mean"], yerr=r["score_std"] or 0, fmt="o", capsize=3)
-        ax.annotate(name, (max(r["trainable_pct"], 1e-4), r["score_mean"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        point = (max(r["trainable_pct"], 1e-4), r["score_mean"])
+        c = colour[r["reference_of"] if is_peft[name] else name]
+        ax.errorbar(*point, yerr=r["score_std"] or 0, fmt="o", capsize=3, color=c, mfc="none" if is_peft[name] else c)
+        if not is_peft[name]:  # its PEFT twin sits on (nearly) the same point
+            ax.annotate(name, point, fontsize=8, xytext=(3, 3), textcoords="offset points")
+    if any(is_peft.values()):
+        ax.text(0.01, 0.01, "hollow: Hugging Face PEFT's implementation of the same method", fontsize=7, transform=ax.transAxes)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of backbone, log)")
     ax.set_ylabel(next(iter(rows.values()))["score_metric"])
@@ -143,7 +150,8 @@ def plots(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.barh(names, [(rows[n]["peak_memory_bytes"] or 0) / 2**20 for n in names])
+    ax.barh(names, [(rows[n]["peak_memory_bytes"] or 0) / 2**20 for n in names],
+            color=["tab:orange" if is_peft[n] else "tab:blue" for n in names])
     ax.set_xlabel(f"peak training memory, MiB ({next(iter(rows.values()))['memory_measure']})")
     ax.set_title("peak memory per method")
     fig.tight_layout()
