@@ -94,14 +94,20 @@ def test_gpu_matrix_recipes_build_on_a_tiny_llama(tmp_path, capsys):
     assert counts["lora"] == counts["peft_lora"] == counts["qlora"] > 0
 
 
+def load_tool(name: str):
+    """A script of tools/ as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 def test_compare_step_times_fw_and_peft_round_robin_on_one_batch(tmp_path, capsys):
     """tools/compare_step.py on the tiny bench backbone: every pair of the config steps,
     step and saved-activation ratios come out, and fw's LoRA saves no more for backward than PEFT's."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_step", Path(__file__).parents[1] / "tools" / "compare_step.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("compare_step")
     bench = yaml.safe_load(TINY.read_text())
     bench["recipe"] = str((TINY.parent / bench["recipe"]).resolve())
     bench["methods"].update({
@@ -120,6 +126,18 @@ def test_compare_step_times_fw_and_peft_round_robin_on_one_batch(tmp_path, capsy
     assert all(n > 8 * 32 * 4 for n in saved.values())
     assert saved["lora"] <= saved["peft_lora"]
     assert "fw/PEFT lora" in capsys.readouterr().out
+
+
+def test_lr_sweep_validates_each_method_at_its_learning_rate(tmp_path):
+    """tools/lr_sweep.py on the tiny bench: the run trains at the given rate and reports the
+    validation split's metrics (what a bench's learning rates are chosen on), not the test's."""
+    results = load_tool("lr_sweep").main(["--bench", str(TINY), "lora@2e-3", "--out", str(tmp_path)])
+    assert [(r["method"], r["learning_rate"], r["seed"]) for r in results] == [("lora", 2e-3, 1)]
+    assert 0 <= results[0]["val/accuracy"] <= 1 and results[0]["val/loss"] > 0
+    assert not any(k.startswith("test/") for k in results[0])
+    recipe = yaml.safe_load((tmp_path / "lora_lr0.002_seed1" / "recipe.yaml").read_text())
+    assert recipe["model"]["learning_rate"] == 2e-3 and recipe["trainer"]["max_steps"] == 4
+    assert json.loads((tmp_path / "sweep.json").read_text()) == results
 
 
 def test_fw_over_peft_is_the_median_of_same_seed_ratios():

@@ -89,7 +89,8 @@ def run_recipe(config: BenchConfig, name: str, seed: int, run_dir: Path) -> dict
     return recipe
 
 
-def _fw(*args: str, cwd: Path) -> None:
+def run_fw(*args: str, cwd: Path) -> None:
+    """`fw ARGS` in a subprocess in ``cwd``; on failure its output goes to ``cwd/error.log``."""
     fw = Path(sys.executable).with_name("fw")
     command = [str(fw) if fw.exists() else sys.executable, *([] if fw.exists() else ["-m", "framework.cli"]), *args]
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=dict(os.environ))
@@ -105,7 +106,7 @@ def run_one(config: BenchConfig, name: str, seed: int, run_dir: Path, latency: b
     recipe = run_recipe(config, name, seed, run_dir)
     recipe_path = run_dir / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    _fw("fit", "--config", str(recipe_path), cwd=run_dir)
+    run_fw("fit", "--config", str(recipe_path), cwd=run_dir)
     ckpt = run_dir / "last.ckpt"
     if not ckpt.is_file():
         raise RuntimeError(f"bench run {name}/seed {seed}: no checkpoint was written in {run_dir}")
