@@ -7,7 +7,7 @@ import json
 import os
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from framework.bench import claims
 
@@ -26,7 +26,8 @@ def _peak_memory(record: dict[str, Any]) -> float:
     return record.get("train_peak_memory_bytes", record["peak_memory_bytes"])
 
 
-def paired_ratio(fw_runs: list[dict[str, Any]], peft_runs: list[dict[str, Any]], figure: Any) -> float | None:
+def paired_ratio(fw_runs: list[dict[str, Any]], peft_runs: list[dict[str, Any]],
+                 figure: Callable[[dict[str, Any]], float | None]) -> float | None:
     """fw / PEFT as the median over seeds of the ratio of the two runs with the same seed (run
     back to back), so one run caught in a slow spell of the machine does not set the ratio."""
     peft_by_seed = {r["seed"]: r for r in peft_runs}
