@@ -44,14 +44,11 @@ def default_methods(methods: dict[str, dict[str, Any]]) -> list[str]:
     return chosen
 
 
-def build(config: Any, name: str) -> tuple[Any, torch.optim.Optimizer]:
-    """The method's module as its bench run builds it (seed 0), in training mode, with AdamW
-    at the run's learning rate."""
-    from framework.bench.runner import run_recipe
+def build(model: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
+    """The module of a bench run's ``model`` section, in training mode, with AdamW at the
+    run's learning rate."""
     from framework.cli import build_module
 
-    with tempfile.TemporaryDirectory() as run_dir:
-        model = run_recipe(config, name, seed=0, run_dir=Path(run_dir))["model"]
     torch.manual_seed(0)
     module = build_module(model)
     module.model.train()
@@ -112,10 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(names) - set(config.methods))
     if unknown:
         parser.error(f"--methods {unknown} are not in {args.bench}; it has {sorted(config.methods)}")
-    built = {name: build(config, name) for name in names}
-    with tempfile.TemporaryDirectory() as run_dir:
-        recipe = run_recipe(config, names[0], seed=0, run_dir=Path(run_dir))
-    batch = first_batch(recipe, next(iter(built.values()))[0].tokenizer)
+    with tempfile.TemporaryDirectory() as run_dir:  # the runs' recipes, as `fw bench` writes them
+        recipes = {name: run_recipe(config, name, seed=0, run_dir=Path(run_dir)) for name in names}
+    built = {name: build(recipe["model"]) for name, recipe in recipes.items()}
+    batch = first_batch(recipes[names[0]], built[names[0]][0].tokenizer)
     times: dict[str, list[float]] = {name: [] for name in built}
     for round_ in range(args.warmup + args.steps):
         for name, (module, optimizer) in built.items():

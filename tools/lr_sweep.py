@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep_one(config: Any, name: str, lr: float, seed: int, run_dir: Path) -> dict[str, Any]:
-    from framework.bench.runner import run_fw, run_recipe
+    from framework.bench.runner import run_fw, run_recipe, train_losses
 
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = run_recipe(config, name, seed, run_dir)
@@ -36,9 +36,8 @@ def sweep_one(config: Any, name: str, lr: float, seed: int, run_dir: Path) -> di
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     run_fw("fit", "--config", str(run_dir / "recipe.yaml"), cwd=run_dir)
     with (run_dir / "metrics.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    val = {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/") and v}
+        val = {k: float(v) for row in csv.DictReader(f) for k, v in row.items() if k.startswith("val/") and v}
+    losses = train_losses(run_dir / "metrics.csv")
     if not val:
         raise RuntimeError(f"{name}@{lr:g}: no validation metric in {run_dir / 'metrics.csv'}")
     return {"method": name, "learning_rate": lr, "seed": seed, **val,

@@ -31,8 +31,8 @@ def paired_ratio(fw_runs: list[dict[str, Any]], peft_runs: list[dict[str, Any]],
     """fw / PEFT as the median over seeds of the ratio of the two runs with the same seed (run
     back to back), so one run caught in a slow spell of the machine does not set the ratio."""
     peft_by_seed = {r["seed"]: r for r in peft_runs}
-    ratios = [figure(r) / figure(peft_by_seed[r["seed"]]) for r in fw_runs
-              if r["seed"] in peft_by_seed and figure(r) and figure(peft_by_seed[r["seed"]])]
+    pairs = [(figure(r), figure(peft_by_seed[r["seed"]])) for r in fw_runs if r["seed"] in peft_by_seed]
+    ratios = [fw / peft for fw, peft in pairs if fw and peft]
     return statistics.median(ratios) if ratios else None
 
 
