@@ -4,6 +4,8 @@
     fw test --config recipes/quickstart.yaml --ckpt_path runs/quickstart/.../last.ckpt
     fw methods                       # installed method plugins
     fw inspect --config RECIPE       # the modified module tree and parameter counts
+    fw export --config RECIPE --ckpt_path C --format peft --output DIR   # PEFT, merged or fw format
+    fw test --config RECIPE --adapter DIR                   # evaluate an fw or PEFT adapter folder
     fw bench --config BENCH          # methods x seeds, measured side by side (recipes/bench/)
 """
 
@@ -26,12 +28,17 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from framework import data as _data  # noqa: F401  (short class names in recipes: ClassificationData, ...)
 from framework import registry
 from framework.config import deep_update
+from framework.formats.fw import AdapterError, write_fw_adapter
+from framework.formats.source import Adapter, read_adapter
+from framework.method import ExportNotSupportedError
 from framework.module import PeftModule
 from framework.predictions import PredictionWriter
 from framework.summary import RunSummary
 
 
 _YAML_LOADER = get_loader("yaml")
+#: the folder of a run's log directory that holds its adapter in fw's format
+ADAPTER_DIR = "adapter"
 
 
 def _yaml_with_method_names(text: str) -> Any:
@@ -79,6 +86,8 @@ def _wandb_has_credentials() -> bool:
 class FwCLI(LightningCLI):
     """LightningCLI with fw's defaults: summary at the end, test after fit, W&B offline without a key."""
 
+    _adapter: Adapter | None = None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--test_after_fit",
@@ -86,9 +95,42 @@ class FwCLI(LightningCLI):
             default=True,
             help="after `fit`, evaluate on the test split (when the data has one)",
         )
+        parser.add_argument(
+            "--adapter",
+            type=str | None,
+            default=None,
+            help="validate/test/predict: an fw or Hugging Face PEFT adapter folder, loaded on the recipe's backbone",
+        )
+
+    def _use_adapter(self, config: Any) -> None:
+        """``--adapter DIR``: build the adapter's method (checked against the recipe's) and
+        remember the weights for :meth:`instantiate_classes`."""
+        if self.subcommand == "fit":
+            raise AdapterError(
+                "--adapter: fit starts from the recipe's fresh method; to continue a run use --ckpt_path "
+                "(--adapter is for validate, test and predict)"
+            )
+        if config.get("ckpt_path"):
+            raise AdapterError("--adapter and --ckpt_path both give weights; pass one of them")
+        adapter = read_adapter(config.adapter)
+        model: dict[str, Any] = {"method": adapter.method_config(config.model.get("method"))}
+        if adapter.head_trained() is not None:
+            model["train_head"] = adapter.head_trained()
+        self.config = self.parser.parse_object({self.subcommand: {"model": model}}, self.config)
+        self._adapter = adapter
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand and "weights_only" in config:
+            if config.weights_only is False:
+                raise AdapterError(
+                    "--weights_only false: fw never unpickles objects from a checkpoint (its own checkpoints are "
+                    "plain data); leave weights_only unset"
+                )
+            config.weights_only = True  # torch.load refuses pickled objects, whatever TORCH_FORCE_* says
+        if config.get("adapter"):
+            self._use_adapter(config)
+            config = self.config[self.subcommand]
         loggers = config.trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if not hasattr(logger, "class_path") or not str(logger.class_path).endswith("WandbLogger"):
@@ -105,6 +147,8 @@ class FwCLI(LightningCLI):
             super().instantiate_classes()
         except RECIPE_ERRORS as err:
             raise RecipeError(_essential(str(err))) from err
+        if self._adapter is not None:
+            self._adapter.load_into(self.model)
 
     def _summary(self) -> RunSummary | None:
         return next((cb for cb in self.trainer.callbacks if isinstance(cb, RunSummary)), None)
@@ -114,10 +158,24 @@ class FwCLI(LightningCLI):
         if summary is not None:
             summary.write(self.trainer, self.model)
 
+    def _save_adapter(self) -> None:
+        """Every finished fit leaves its adapter in fw's format beside ``summary.json``."""
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / ADAPTER_DIR
+        write_fw_adapter(self.model, directory, write=self.trainer.is_global_zero)
+        summary = self._summary()
+        if summary is not None:
+            summary.adapter_dir = str(directory)
+        if self.trainer.is_global_zero:
+            print(f"fw: adapter written to {directory} (fw export --adapter {directory} --format peft|merged ...)")
+
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
+        if self.trainer.interrupted:
+            self._report()
+            return
+        self._save_adapter()
         has_test = hasattr(self.datamodule, "test_dataloader") and self.datamodule is not None
-        if config.get("test_after_fit") and has_test and not self.trainer.interrupted:
+        if config.get("test_after_fit") and has_test:
             self.trainer.test(self.model, datamodule=self.datamodule)
         self._report()
 
@@ -188,6 +246,25 @@ def instantiate_data(data_config: dict[str, Any]) -> LightningDataModule:
     return parser.instantiate_classes(config).data
 
 
+def read_model_section(parser: argparse.ArgumentParser, paths: list[str]) -> dict[str, Any]:
+    """The ``model`` section of one or more recipes (later ones update earlier ones); seeds
+    the run with the recipe's ``seed_everything``."""
+    model_config: dict[str, Any] = {}
+    seed = 0
+    for path in paths:
+        try:
+            with open(path) as f:
+                recipe = yaml.safe_load(f) or {}
+        except OSError as err:
+            parser.error(f"--config: cannot read {path} ({err.strerror})")
+        deep_update(model_config, recipe.get("model") or {})
+        seed = recipe.get("seed_everything", seed) or 0
+    if not model_config:
+        parser.error(f"{paths[-1]}: the recipe has no `model` section")
+    seed_everything(seed, verbose=False)
+    return model_config
+
+
 def inspect_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fw inspect",
@@ -197,16 +274,7 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("-c", "--config", action="append", required=True, help="recipe (YAML); may repeat")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args, overrides = parser.parse_known_args(argv)
-    model_config: dict[str, Any] = {}
-    seed = 0
-    for path in args.config:
-        with open(path) as f:
-            recipe = yaml.safe_load(f) or {}
-        deep_update(model_config, recipe.get("model") or {})
-        seed = recipe.get("seed_everything", seed) or 0
-    if not model_config:
-        parser.error(f"{args.config[-1]}: the recipe has no `model` section")
-    seed_everything(seed, verbose=False)
+    model_config = read_model_section(parser, args.config)
     module = build_module(model_config, overrides)
     if args.json:
         report = {
@@ -244,7 +312,29 @@ def bench_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"methods": methods_main, "inspect": inspect_main, "bench": bench_main}
+def export_main(argv: list[str]) -> int:
+    from framework.export import export
+
+    parser = argparse.ArgumentParser(
+        prog="fw export",
+        description="Write a trained adapter (a run's checkpoint, or an fw/PEFT adapter folder) as a Hugging Face "
+        "PEFT adapter (peft), a merged transformers model (merged) or fw's own adapter folder (fw). Extra "
+        "--model.* arguments override the recipe.",
+    )
+    parser.add_argument("-c", "--config", action="append", required=True, help="the run's recipe (YAML); may repeat")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt_path", help="a checkpoint of the run (e.g. .../checkpoints/last.ckpt)")
+    source.add_argument("--adapter", help="an fw adapter folder (every fit leaves one) or a PEFT adapter folder")
+    parser.add_argument("--format", required=True, choices=["peft", "merged", "fw"], help="what to write")
+    parser.add_argument("--output", required=True, help="the folder to write (created)")
+    args, overrides = parser.parse_known_args(argv)
+    model_config = read_model_section(parser, args.config)
+    written = export(model_config, args.ckpt_path or args.adapter, args.format, args.output, overrides)
+    print(f"fw export: wrote {args.format} format to {written}: {', '.join(sorted(p.name for p in written.iterdir()))}")
+    return 0
+
+
+COMMANDS = {"methods": methods_main, "inspect": inspect_main, "bench": bench_main, "export": export_main}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         cli_main(argv)
-    except (RecipeError, registry.UnknownMethodError) as err:
+    except (RecipeError, registry.UnknownMethodError, AdapterError, ExportNotSupportedError) as err:
         print(f"fw: error: {err}", file=sys.stderr)
         return 2
     finally:

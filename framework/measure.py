@@ -64,7 +64,9 @@ def count_params(model: nn.Module, method: PeftMethod | None, backbone_params: i
     if method is None:
         stored = numel(method_only)
     else:
-        stored = numel(t for n, t in method.stored_state_dict(model).items() if not _under(n, heads))
+        stored = numel(  # integer entries (a sparse mask's indices) locate parameters, they are not ones
+            t for n, t in method.stored_state_dict(model).items() if not _under(n, heads) and t.is_floating_point()
+        )
     return ParamCounts(
         backbone_params=backbone_params,
         total_params=numel(p for _, p in named),

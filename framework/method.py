@@ -15,17 +15,39 @@ are exactly the method's (the core then unfreezes the task head when asked to).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from framework.config import init_args
+from framework.targeting import set_submodule
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning.pytorch import LightningDataModule
 
     from framework.module import PeftModule
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], owner: str) -> None:
+    """``given`` has exactly the keys and shapes of ``expected``; otherwise one error that names
+    what is missing, unexpected or of another shape."""
+    missing = sorted(expected.keys() - given.keys())
+    unexpected = sorted(given.keys() - expected.keys())
+    if missing or unexpected:
+        raise KeyError(
+            f"{owner}: the adapter weights do not fit this model "
+            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}). "
+            "Were they written for another method, target list or backbone?"
+        )
+    for name, value in given.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ValueError(
+                f"{owner}: '{name}' has shape {tuple(value.shape)} in the adapter but "
+                f"{tuple(expected[name].shape)} in the model (another backbone size, rank or length?)"
+            )
 
 
 def copy_parameters(model: nn.Module, state: dict[str, torch.Tensor], owner: str) -> None:
@@ -43,6 +65,26 @@ class MergeNotSupportedError(NotImplementedError):
     """Raised by :meth:`PeftMethod.merge` for methods whose math cannot fold into the weights."""
 
 
+class ExportNotSupportedError(ValueError):
+    """A method has no form in the asked format (e.g. bottleneck adapters in PEFT's)."""
+
+
+@dataclass
+class PeftAdapter:
+    """A method in Hugging Face PEFT's terms (what :meth:`PeftMethod.to_peft` returns).
+
+    ``config``: the PEFT config fields of the method (``peft_type`` included; the core adds
+    ``task_type``, ``base_model_name_or_path`` and ``modules_to_save``). ``weights``: tensors
+    named as PEFT names them inside the model, without PEFT's ``base_model.model.`` prefix
+    (``bert.encoder.layer.0.attention.self.query.lora_A.weight``; ``prompt_embeddings`` for
+    prompt-learning methods). ``notes``: what a user of the exported folder should know.
+    """
+
+    config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    notes: list[str] = field(default_factory=list)
+
+
 class PeftMethod(ABC):
     """A parameter-efficient fine-tuning method.
 
@@ -53,6 +95,9 @@ class PeftMethod(ABC):
 
     #: One line shown by ``fw methods``; defaults to the first line of the class docstring.
     description: str = ""
+    #: Hugging Face PEFT's ``peft_type`` this method reads and writes (``LORA``, ``IA3``, ...);
+    #: None: the method has no PEFT form.
+    peft_type: ClassVar[str | None] = None
 
     # -- required -------------------------------------------------------------------------
 
@@ -82,31 +127,25 @@ class PeftMethod(ABC):
         return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load what :meth:`trainable_state_dict` returned; a missing or unknown key is an error."""
-        params = dict(model.named_parameters())
-        expected = {name for name, p in params.items() if p.requires_grad}
-        missing = sorted(expected - state_dict.keys())
-        unexpected = sorted(state_dict.keys() - params.keys())
-        if missing or unexpected:
-            raise KeyError(
-                f"{type(self).__name__}: the adapter weights do not fit this model "
-                f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}). "
-                "Was the checkpoint written for another method, target list or backbone?"
-            )
-        with torch.no_grad():
-            for name, value in state_dict.items():
-                target = params[name]
-                if target.shape != value.shape:
-                    raise ValueError(
-                        f"{type(self).__name__}: '{name}' has shape {tuple(value.shape)} in the "
-                        f"checkpoint but {tuple(target.shape)} in the model"
-                    )
-                target.copy_(value)
+        """Load every trainable parameter (what the default :meth:`trainable_state_dict`
+        returns); a missing, unknown or differently shaped tensor is an error."""
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        check_state_dict(trainable, state_dict, type(self).__name__)
+        copy_parameters(model, state_dict, type(self).__name__)
 
     def stored_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """What a finished run stores for deployment (e.g. a flattened prefix, not its MLP)."""
+        """What a finished run stores for deployment (e.g. a flattened prefix, not its MLP): the
+        tensors of fw's adapter format. Floating-point entries count as stored parameters;
+        integer ones (e.g. the Fisher mask's indices) locate them."""
         return self.trainable_state_dict(model)
+
+    def load_stored_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load what :meth:`stored_state_dict` returned, for inference. ``strict``: exactly the
+        keys and shapes this model stores (``compose`` checks the whole and hands each part its
+        own keys with ``strict=False``)."""
+        if strict:
+            check_state_dict(self.stored_state_dict(model), state_dict, type(self).__name__)
+        copy_parameters(model, state_dict, type(self).__name__)
 
     # -- merging --------------------------------------------------------------------------
 
@@ -120,6 +159,34 @@ class PeftMethod(ABC):
     def unmerge(self, model: nn.Module) -> None:
         """Undo :meth:`merge`, restoring the base weights."""
         raise MergeNotSupportedError(f"{type(self).__name__} has no merge to undo")
+
+    def can_merge(self) -> bool:
+        """Whether :meth:`merge` folds this method into the weights (default: it is overridden)."""
+        return type(self).merge is not PeftMethod.merge
+
+    def unload(self, model: nn.Module) -> nn.Module:
+        """Merge, then put every merged wrapper's ``base_layer`` back in its place: the plain
+        architecture, ready for ``save_pretrained`` (``fw export --format merged``)."""
+        self.merge(model)
+        for name, module in list(model.named_modules()):
+            if getattr(module, "merged", False) is True and isinstance(getattr(module, "base_layer", None), nn.Module):
+                set_submodule(model, name, module.base_layer)
+        return model
+
+    # -- Hugging Face PEFT's format (fw export --format peft, --adapter PEFT_FOLDER) ----------
+
+    def to_peft(self, model: nn.Module) -> PeftAdapter:
+        """This method's trained state in PEFT's terms (read from :meth:`stored_state_dict`)."""
+        raise ExportNotSupportedError(f"{type(self).__name__} has no Hugging Face PEFT form")
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """This method's ``__init__`` arguments for a PEFT ``adapter_config.json`` of :attr:`peft_type`."""
+        raise ExportNotSupportedError(f"{cls.__name__} does not read Hugging Face PEFT adapters")
+
+    def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's tensors (named as in :class:`PeftAdapter`) as this method's stored state dict."""
+        raise ExportNotSupportedError(f"{type(self).__name__} does not read Hugging Face PEFT adapters")
 
     # -- optional hooks the core calls at the right moment ---------------------------------
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from framework.backbone import Backbone
 from framework.config import to_config
+from framework.formats.fw import architecture
 from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
 from framework.optim import OptimizerName, build_optimizer
@@ -94,6 +95,7 @@ class PeftModule(LightningModule):
         task.configure_model(self.model)
         self.backbone_params = numel(self.model.parameters())
         self.head_names = head_module_names(self.model)
+        self.base_state_keys = set(self.model.state_dict())  # the architecture's own (a merged model has these)
         if method is not None:
             self.model.requires_grad_(False)
             method.attach(self.model)
@@ -257,6 +259,7 @@ class PeftModule(LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             "method": to_config(self.method),
             "backbone": self.backbone.identity(),
+            "architecture": architecture(self.model),
             "task": to_config(self.task),
             "param_counts": self.param_counts().as_dict(),
         }

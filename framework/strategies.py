@@ -53,10 +53,12 @@ class FSDP(ModelParallelStrategy):
         return {}
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """fw's checkpoints are plain data: they load with ``weights_only=True`` always, so a
+        crafted file's pickle payload is refused rather than run."""
         path = Path(self.broadcast(checkpoint_path))
         if path.is_dir():
             raise IsADirectoryError(f"{path}: fw's FSDP checkpoints are single files (adapter-only), not folders")
-        return torch.load(path, map_location="cpu", weights_only=bool(weights_only))
+        return torch.load(path, map_location="cpu", weights_only=True)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         assert self.lightning_module is not None

@@ -30,6 +30,7 @@ class RunSummary(Callback):
         self._step_t0 = 0.0
         self.rss_at_fit_start: int | None = None
         self.peak_after_fit: tuple[int, str] | None = None
+        self.adapter_dir: str | None = None  # where a finished fit wrote its adapter (fw format)
 
     # -- timing ---------------------------------------------------------------------------
 
@@ -95,6 +96,8 @@ class RunSummary(Callback):
             "train_examples": self.examples,
             "metrics": dict(sorted(self.metrics.items())),
         }
+        if self.adapter_dir is not None:
+            out["adapter_dir"] = self.adapter_dir
         if len(self.step_seconds) > 2:
             timed = self.step_seconds[2:]  # skip warm-up steps
             out["median_step_seconds"] = round(statistics.median(timed), 5)
@@ -129,6 +132,8 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append(("training time", f"{report['train_seconds']:.1f} s ({report['train_steps']} steps)"))
     for key, value in report["metrics"].items():
         rows.append((key, f"{value:.4f}"))
+    if report.get("adapter_dir"):
+        rows.append(("adapter (fw format)", report["adapter_dir"]))
     width = max(len(k) for k, _ in rows)
     rule = "-" * (width + 3 + max(len(v) for _, v in rows))
     return "\n".join([rule, *(f"{k:<{width}} | {v}" for k, v in rows), rule])

@@ -109,3 +109,51 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> str:
 
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return str(path)
+
+
+def _saved_base(tmp_path_factory: pytest.TempPathFactory, name: str, auto: str, config: dict[str, Any]) -> str:
+    """A random-init model saved as a local pretrained folder: the base a PEFT adapter or a
+    merged model is loaded on outside fw (seed 0, so every test session builds the same)."""
+    import transformers
+
+    torch.manual_seed(0)
+    fields = dict(config)
+    model = getattr(transformers, auto).from_config(transformers.AutoConfig.for_model(fields.pop("model_type"), **fields))
+    path = tmp_path_factory.mktemp(name) / "model"
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _saved_base(tmp_path_factory, "bert", "AutoModelForSequenceClassification", TINY_BERT)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _saved_base(tmp_path_factory, "llama", "AutoModelForCausalLM", TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _saved_base(tmp_path_factory, "gpt2", "AutoModelForCausalLM", TINY_GPT2)
+
+
+def perturb_trainable(module: Any, seed: int = 1, scale: float = 0.1) -> Any:
+    """Move every trainable parameter off its initialisation (LoRA's B leaves zero, IA³'s
+    vectors leave one): what a few training steps do, without the training. Returns the
+    module in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(module.model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator).to(p.dtype) * scale)
+    return module.eval()
+
+
+def padded_ids(batch: int = 3, length: int = 9, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Token ids with one padded row: the inputs every export test compares logits on."""
+    ids = torch.randint(1000, 2000, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, length // 2 + 1:] = 0
+    return {"input_ids": ids, "attention_mask": mask}

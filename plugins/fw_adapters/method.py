@@ -144,6 +144,9 @@ class BottleneckAdapter(PeftMethod):
             wrappers.append(wrapper)
         return wrappers
 
+    def can_merge(self) -> bool:
+        return False
+
     def merge(self, model: nn.Module) -> None:
         raise MergeNotSupportedError(
             f"{type(self).__name__}: bottleneck adapters are non-linear (down → activation → up), so "

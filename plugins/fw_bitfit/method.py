@@ -18,9 +18,13 @@ attach, rather than train nothing.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
-from framework.method import PeftMethod
+from framework.method import ExportNotSupportedError, PeftAdapter, PeftMethod
+from framework.peft_compat import fw_targets, peft_targets, refuse_unknown_options
 from framework.targeting import fold_indices, head_module_names, matches
 
 FIELD = "model.method.init_args.targets"
@@ -39,6 +43,8 @@ class BitFit(PeftMethod):
     """
 
     description = "BitFit: train only the bias terms of the backbone (no added parameters)"
+    #: PEFT's BEFT trains an additive bias on Linear layers: BitFit of Linear biases, as deltas
+    peft_type = "BEFT"
 
     def __init__(self, targets: list[str] | None = None) -> None:
         if targets == []:
@@ -73,9 +79,42 @@ class BitFit(PeftMethod):
         return chosen
 
     def attach(self, model: nn.Module) -> None:
+        base = {}
         for name, bias in self.biases(model):
             bias.requires_grad_(True)
+            base[name] = bias.detach().clone()  # the base model's bias: PEFT stores the difference
             self.record(name, f"BitFit bias (+{bias.numel():,})")
+        self.__dict__["_base_biases"] = base
+
+    # -- Hugging Face PEFT's format: BEFT, ``beft_bias`` (1, out) = trained - base bias --------
+
+    def to_peft(self, model: nn.Module) -> PeftAdapter:
+        base = self.__dict__.get("_base_biases", {})
+        others = sorted(n for n in base if not isinstance(model.get_submodule(n), nn.Linear))
+        if others:
+            raise ExportNotSupportedError(
+                f"BitFit trains biases of modules PEFT's BEFT cannot hold ({', '.join(fold_indices(others)[:4])}: "
+                "BEFT adapts nn.Linear biases only); restrict model.method.init_args.targets to Linear layers "
+                "to export to PEFT"
+            )
+        stored = self.stored_state_dict(model)
+        weights = {f"{n}.beft_bias": (stored[f"{n}.bias"].float() - b.float())[None, :] for n, b in base.items()}
+        return PeftAdapter({"peft_type": "BEFT", "target_modules": peft_targets(model, base)}, weights)
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        refuse_unknown_options(config, {"target_modules"}, cls.__name__)
+        return {"targets": fw_targets(config.get("target_modules"), "adapter_config.json: target_modules")}
+
+    def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        base = self.__dict__.get("_base_biases", {})
+        out = {}
+        for key, delta in weights.items():
+            name = key.removesuffix(".beft_bias")
+            if name not in base:
+                raise KeyError(f"adapter_model.safetensors: '{key}' is not a bias BitFit trains on this model")
+            out[f"{name}.bias"] = (base[name].float() + delta.flatten().float()).to(base[name].dtype)
+        return out
 
     def merge(self, model: nn.Module) -> None:
         """Nothing to fold: the trained biases are the model's own parameters."""

@@ -29,12 +29,20 @@ merged are unmerged and the error names the part.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from framework.method import MergeNotSupportedError, PeftMethod
+from framework.method import (
+    ExportNotSupportedError,
+    MergeNotSupportedError,
+    PeftAdapter,
+    PeftMethod,
+    check_state_dict,
+    copy_parameters,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning.pytorch import LightningDataModule
@@ -122,23 +130,84 @@ class Compose(PeftMethod):
 
     # -- weights --------------------------------------------------------------------------
 
-    def stored_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Each part's stored form of its own parameters, plus the parameters no part owns
-        (the task head)."""
+    def _stored_parts(self, model: nn.Module) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Each part's stored form of its own parameters, and the parameters no part owns (the
+        task head)."""
         owner = self.owner(model)
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        out: dict[str, torch.Tensor] = {}
+        parts: list[dict[str, torch.Tensor]] = []
+        seen: set[str] = set()
         for i, method in enumerate(self.methods):
+            part = {}
             for key, value in method.stored_state_dict(model).items():
                 if key in trainable and owner.get(key) != i:
                     continue  # another part's parameter, or the head (added below)
-                if key in out:
+                if key in seen:
                     raise RuntimeError(f"Compose: {self._label(i)} stores '{key}', which another part stores too")
-                out[key] = value
-        out.update({n: p.detach() for n, p in trainable.items() if n not in owner})
+                part[key] = value
+                seen.add(key)
+            parts.append(part)
+        rest = {n: p.detach() for n, p in trainable.items() if n not in owner and n not in seen}
+        return parts, rest
+
+    def stored_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Each part's stored form of its own parameters, plus the parameters no part owns
+        (the task head)."""
+        parts, rest = self._stored_parts(model)
+        out = dict(rest)
+        for part in parts:
+            out.update(part)
         return out
 
+    def load_stored_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Checks the whole, then hands every part the keys of its own stored form."""
+        parts, rest = self._stored_parts(model)
+        if strict:
+            check_state_dict({**rest, **{k: v for part in parts for k, v in part.items()}}, state_dict, type(self).__name__)
+        copy_parameters(model, {k: v for k, v in state_dict.items() if k in rest}, type(self).__name__)
+        for method, part in zip(self.methods, parts):
+            method.load_stored_state_dict(model, {k: v for k, v in state_dict.items() if k in part}, strict=False)
+
+    # -- Hugging Face PEFT's format ----------------------------------------------------------
+
+    def to_peft(self, model: nn.Module) -> PeftAdapter:
+        """The PEFT form of a composition of one part; several parts are one PEFT adapter only
+        when all are LoRA with the same dropout and scaling rule (then per-module ranks and
+        alphas go to ``rank_pattern``/``alpha_pattern``)."""
+        adapters = []
+        for i, method in enumerate(self.methods):
+            try:
+                adapters.append(method.to_peft(model))
+            except ExportNotSupportedError as err:
+                raise ExportNotSupportedError(f"{type(self).__name__}: its part {self._label(i)}: {err}") from err
+        if len(adapters) == 1:
+            return adapters[0]
+        first = adapters[0].config
+        per_module = {"r", "lora_alpha", "target_modules"}
+        shared = [{k: v for k, v in a.config.items() if k not in per_module} for a in adapters]
+        if first["peft_type"] != "LORA" or any(s != shared[0] for s in shared):
+            names = ", ".join(self._label(i) for i in range(len(self.methods)))
+            raise ExportNotSupportedError(
+                f"{type(self).__name__} of {names}: a PEFT adapter holds one method, so PEFT can load a composition "
+                "only when every part is LoRA with the same dropout, rslora and layer type"
+            )
+        config = {**first, "target_modules": sorted({t for a in adapters for t in a.config["target_modules"]})}
+        config["rank_pattern"], config["alpha_pattern"] = {}, {}
+        weights: dict[str, torch.Tensor] = {}
+        for adapter in adapters:
+            weights.update(adapter.weights)
+            for key in adapter.weights:  # <module>.lora_A.weight
+                module = re.escape(key.rsplit(".", 2)[0])
+                if adapter.config["r"] != first["r"]:
+                    config["rank_pattern"][module] = adapter.config["r"]
+                if adapter.config["lora_alpha"] != first["lora_alpha"]:
+                    config["alpha_pattern"][module] = adapter.config["lora_alpha"]
+        return PeftAdapter(config, weights)
+
     # -- merging --------------------------------------------------------------------------
+
+    def can_merge(self) -> bool:
+        return all(method.can_merge() for method in self.methods)
 
     def merge(self, model: nn.Module) -> None:
         merged: list[PeftMethod] = []

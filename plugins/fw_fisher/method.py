@@ -176,9 +176,9 @@ class FisherMask(PeftMethod):
             out[name + ".fisher_values"] = update.values.detach()
         return out
 
-    def stored_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """What counts as stored parameters: the k values (the indices are the mask, not parameters)."""
-        return {k: v for k, v in self.trainable_state_dict(model).items() if not k.endswith(INDICES)}
+    def load_stored_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """The stored form is the checkpoint's (indices + values, the head): install that mask."""
+        self.load_trainable_state_dict(model, state_dict)
 
     def load_trainable_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
         state = dict(state_dict)

@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from framework.method import PeftMethod
+from framework.method import PeftMethod, check_state_dict, copy_parameters
 
 FIELD = "model.method.init_args"
 #: where PEFT's prompt encoder is registered in the backbone
 MODULE_NAME = "peft_prompt_encoder"
+#: PEFT's saved prompt in the stored state dict
+STORED_KEY = f"{MODULE_NAME}.prompt_embeddings"
 
 
 class _ThroughPeft:
@@ -93,8 +95,25 @@ class _PromptLearning(PeftMethod):
         """PEFT's saved prompt (``prompt_embeddings``) plus the trainable head."""
         prefix = MODULE_NAME + "."
         stored = {n: t for n, t in self.trainable_state_dict(model).items() if not n.startswith(prefix)}
-        stored[prefix + "prompt_embeddings"] = self._saved_prompt(model)
+        loaded = self.__dict__.get("_loaded_prompt")
+        stored[STORED_KEY] = loaded if loaded is not None else self._saved_prompt(model)
         return stored
+
+    def load_stored_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Serve a stored prompt as PEFT does after ``from_pretrained``: inference mode, the
+        saved tensor as the encoder's embedding table (no MLP or LSTM in the way)."""
+        if strict:
+            check_state_dict(self.stored_state_dict(model), state_dict, type(self).__name__)
+        state = dict(state_dict)
+        prompt = state.pop(STORED_KEY).detach()
+        peft_model = self._peft_model(model)
+        adapter = peft_model.active_adapter
+        encoder = peft_model.prompt_encoder[adapter]
+        encoder.embedding = nn.Embedding.from_pretrained(prompt.to(encoder.embedding.weight.device).clone(), freeze=True)
+        encoder.requires_grad_(False)
+        peft_model.peft_config[adapter].inference_mode = True
+        self.__dict__["_loaded_prompt"] = prompt
+        copy_parameters(model, state, type(self).__name__)
 
 
 class PeftPromptTuning(_PromptLearning):

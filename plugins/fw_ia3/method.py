@@ -20,13 +20,15 @@ PEFT does.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from framework.architectures import role_patterns
 from framework.backbone import DTYPES
-from framework.method import MergeableLayers, PeftMethod
+from framework.method import MergeableLayers, PeftAdapter, PeftMethod
+from framework.peft_compat import fw_targets, peft_targets, refuse_unknown_options, without
 from framework.targeting import find_modules, set_submodule
 from fw_ia3.layer import IA3Linear
 
@@ -45,6 +47,7 @@ class IA3(MergeableLayers, PeftMethod):
 
     description = "IA³: learned vectors rescaling keys, values and feed-forward activations (mergeable)"
     layer_type = IA3Linear
+    peft_type = "IA3"
 
     def __init__(
         self,
@@ -78,6 +81,35 @@ class IA3(MergeableLayers, PeftMethod):
                 wrapped = IA3Linear(layer, scale, dtype)
                 set_submodule(model, name, wrapped)
                 self.record(name, f"IA³ {scale} scale (+{wrapped.ia3_l.numel():,})")
+
+    # -- Hugging Face PEFT's format: ia3_l is (out, 1) for output scaling, (1, in) for input ----
+
+    def to_peft(self, model: nn.Module) -> PeftAdapter:
+        layers = {n: m for n in self.modified_modules if isinstance(m := model.get_submodule(n), IA3Linear)}
+        stored = self.stored_state_dict(model)
+        weights = {}
+        for name, layer in layers.items():
+            vector = stored[f"{name}.ia3_l"]
+            weights[f"{name}.ia3_l"] = vector[:, None] if layer.scale == "output" else vector[None, :]
+        conv1d = {m.fan_in_fan_out for m in layers.values()}
+        feedforward = [n for n, m in layers.items() if m.scale == "input"]
+        config = {
+            "peft_type": "IA3", "target_modules": peft_targets(model, layers),
+            "feedforward_modules": peft_targets(model, feedforward) if feedforward else [],
+            "fan_in_fan_out": conv1d == {True},
+        }
+        return PeftAdapter(config, weights)
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        refuse_unknown_options(config, {"target_modules", "feedforward_modules", "fan_in_fan_out"}, cls.__name__)
+        targets = fw_targets(config.get("target_modules"), "adapter_config.json: target_modules")
+        feedforward = config.get("feedforward_modules") or []
+        ff = fw_targets(feedforward, "adapter_config.json: feedforward_modules") if feedforward else []
+        return {"targets": without(targets, ff), "feedforward_targets": ff}
+
+    def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.flatten() for key, value in weights.items()}
 
 
 

@@ -21,13 +21,15 @@ Each adapted layer adds r · (in + out) parameters. After training, ``merge()`` 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from framework.architectures import role_patterns
 from framework.backbone import DTYPES
-from framework.method import MergeableLayers, PeftMethod
+from framework.method import ExportNotSupportedError, MergeableLayers, PeftAdapter, PeftMethod
+from framework.peft_compat import fw_targets, peft_targets, refuse_unknown_options
 from framework.targeting import find_modules, set_submodule
 from fw_lora.layer import LoRALinear
 
@@ -46,6 +48,7 @@ class LoRA(MergeableLayers, PeftMethod):
     """
 
     description = "LoRA: trainable low-rank updates B·A on chosen Linear layers (mergeable)"
+    peft_type = "LORA"
     #: the wrapper put around each target, and what merge() visits (hybrids substitute a
     #: subclass, e.g. a gated one)
     layer_type: type[LoRALinear] = LoRALinear
@@ -86,15 +89,44 @@ class LoRA(MergeableLayers, PeftMethod):
             added = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
             self.record(name, f"LoRA r={self.r} (+{added:,})")
 
+    # -- Hugging Face PEFT's format --------------------------------------------------------
 
-    @staticmethod
-    def unload(model: nn.Module) -> nn.Module:
-        """Merge, then put the plain base layers back: a model with no trace of LoRA."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, LoRALinear):
-                module.merge()
-                set_submodule(model, name, module.base_layer)
-        return model
+    def to_peft(self, model: nn.Module) -> PeftAdapter:
+        layers = {n: m for n in self.modified_modules if isinstance(m := model.get_submodule(n), LoRALinear)}
+        plain = {n for n, m in layers.items() if type(m).forward is LoRALinear.forward}
+        if plain != set(layers):
+            raise ExportNotSupportedError(
+                f"{type(self).__name__}'s layers ({type(next(iter(layers.values()))).__name__}) compute more than "
+                "PEFT's LoRA does, so PEFT cannot load them"
+            )
+        conv1d = {m.fan_in_fan_out for m in layers.values()}
+        if len(conv1d) > 1:
+            raise ExportNotSupportedError(
+                "LoRA targets both Linear and GPT-2 Conv1D modules; PEFT's fan_in_fan_out is one setting per adapter"
+            )
+        stored = self.stored_state_dict(model)
+        weights: dict[str, torch.Tensor] = {}
+        for name in layers:
+            weights[f"{name}.lora_A.weight"] = stored[f"{name}.lora_A"]
+            weights[f"{name}.lora_B.weight"] = stored[f"{name}.lora_B"]
+        config = {
+            "peft_type": "LORA", "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+            "use_rslora": self.rslora, "fan_in_fan_out": conv1d == {True},
+            "target_modules": peft_targets(model, layers),
+        }
+        return PeftAdapter(config, weights)
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        refuse_unknown_options(config, {"r", "lora_alpha", "lora_dropout", "use_rslora", "fan_in_fan_out", "target_modules"}, cls.__name__)
+        return {
+            "r": int(config.get("r", 8)), "alpha": float(config.get("lora_alpha", 8)),
+            "dropout": float(config.get("lora_dropout") or 0.0), "rslora": bool(config.get("use_rslora", False)),
+            "targets": fw_targets(config.get("target_modules"), "adapter_config.json: target_modules"),
+        }
+
+    def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key.removesuffix(".weight"): value for key, value in weights.items()}
 
 
 __all__ = ["LoRA"]

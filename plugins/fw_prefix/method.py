@@ -27,10 +27,14 @@ with it. Gradient checkpointing is refused, and the method cannot be merged into
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from framework.method import PeftMethod, copy_parameters
+from framework.method import PeftAdapter, PeftMethod, check_state_dict, copy_parameters
+from framework.peft_compat import refuse_unknown_options
+from fw_prompt.method import VIRTUAL_TOKEN_FIELDS, virtual_token_adapter
 from fw_prefix.encoder import PrefixEncoder
 from fw_prefix.inject import MODULE_NAME, add_prefix
 
@@ -50,6 +54,8 @@ class PrefixTuning(PeftMethod):
     """
 
     description = "Prefix tuning: trainable key/value prefixes in every layer (MLP-reparameterized); stores the flat prefix"
+    peft_type = "PREFIX_TUNING"
+    stored_key = STORED_KEY
 
     def __init__(self, prefix_length: int = 30, reparameterize: bool = True, bottleneck: int = 512) -> None:
         if not isinstance(prefix_length, int) or prefix_length <= 0:
@@ -83,9 +89,11 @@ class PrefixTuning(PeftMethod):
             stored[STORED_KEY] = self.prefix_encoder(model).flat().detach().clone()
         return stored
 
-    def load_stored_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    def load_stored_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load what :meth:`stored_state_dict` returned, for inference: the encoder is bypassed
         (and frozen) and serves the stored prefix."""
+        if strict:
+            check_state_dict(self.stored_state_dict(model), state_dict, type(self).__name__)
         state = dict(state_dict)
         if STORED_KEY not in state:
             raise KeyError(f"PrefixTuning: '{STORED_KEY}' is missing from the stored weights")
@@ -93,6 +101,27 @@ class PrefixTuning(PeftMethod):
         encoder.use_stored(state.pop(STORED_KEY))
         encoder.requires_grad_(False)
         copy_parameters(model, state, type(self).__name__)
+
+    # -- Hugging Face PEFT's format: the flat prefix as prompt_embeddings ----------------------
+
+    def to_peft(self, model: nn.Module) -> PeftAdapter:
+        s = self.prefix_encoder(model).shape
+        return virtual_token_adapter(self, model, {
+            "peft_type": self.peft_type, "token_dim": s.kv_width, "num_attention_heads": s.num_kv_heads,
+            "num_layers": s.num_layers, "prefix_projection": self.reparameterize, "encoder_hidden_size": self.bottleneck,
+        })
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        refuse_unknown_options(config, VIRTUAL_TOKEN_FIELDS | {"prefix_projection", "encoder_hidden_size"}, cls.__name__)
+        return {
+            "prefix_length": int(config["num_virtual_tokens"]),
+            "reparameterize": bool(config.get("prefix_projection", False)),
+            "bottleneck": int(config.get("encoder_hidden_size") or 512),
+        }
+
+    def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {STORED_KEY if key == "prompt_embeddings" else key: value for key, value in weights.items()}
 
 
 __all__ = ["PrefixTuning", "STORED_KEY"]

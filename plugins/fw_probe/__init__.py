@@ -15,5 +15,11 @@ class LinearProbe(PeftMethod):
     def attach(self, model: nn.Module) -> None:
         """Nothing: the core has frozen the backbone and unfreezes the head."""
 
+    def merge(self, model: nn.Module) -> None:
+        """Nothing to fold: only the head trained (a merged model is the model as it is)."""
+
+    def unmerge(self, model: nn.Module) -> None:
+        """Nothing to undo (see :meth:`merge`)."""
+
 
 __all__ = ["LinearProbe"]

@@ -21,11 +21,13 @@ is a random start. Prompt tuning needs a higher learning rate than LoRA (around 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from torch import nn
 
-from framework.method import PeftMethod
+from framework.method import PeftAdapter, PeftMethod
+from framework.peft_compat import refuse_unknown_options
 from fw_prompt.embedding import PromptEmbedding
 from fw_prompt.inject import MODULE_NAME, add_virtual_tokens
 
@@ -50,6 +52,9 @@ class PromptTuning(PeftMethod):
     """
 
     description = "Prompt tuning: trainable virtual-token embeddings prepended to the input"
+    peft_type = "PROMPT_TUNING"
+    #: where the (P, hidden) table is in this method's stored state dict
+    stored_key = f"{MODULE_NAME}.embedding.weight"
 
     def __init__(
         self,
@@ -85,6 +90,35 @@ class PromptTuning(PeftMethod):
             raise ValueError(f"{FIELD}.init_text: {self.init_text!r} has no tokens")
         table.init_from_token_ids(list(ids), module.model.get_input_embeddings())
         table.initialised_from_text = True
+
+    # -- Hugging Face PEFT's format: one (P, hidden) tensor, prompt_embeddings ----------------
+
+    def to_peft(self, model: nn.Module) -> PeftAdapter:
+        return virtual_token_adapter(self, model, {"peft_type": self.peft_type})
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        refuse_unknown_options(config, VIRTUAL_TOKEN_FIELDS, cls.__name__)
+        return {"num_virtual_tokens": int(config["num_virtual_tokens"]), "init": "random"}
+
+    def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.stored_key if key == "prompt_embeddings" else key: value for key, value in weights.items()}
+
+
+#: the PEFT config fields every virtual-token method writes (geometry, read back from the model)
+VIRTUAL_TOKEN_FIELDS = {"num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"}
+
+
+def virtual_token_adapter(method: Any, model: nn.Module, config: dict[str, Any]) -> PeftAdapter:
+    """A virtual-token method in PEFT's terms: its ``(P, hidden)`` stored tensor as
+    ``prompt_embeddings`` and the backbone's geometry (what ``PeftModel`` fills in itself)."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    table = method.stored_state_dict(model)[method.stored_key]
+    config = {
+        "num_virtual_tokens": table.shape[0], "token_dim": table.shape[1], "num_transformer_submodules": 1,
+        "num_attention_heads": text.num_attention_heads, "num_layers": text.num_hidden_layers, **config,
+    }
+    return PeftAdapter(config, {"prompt_embeddings": table})
 
 
 __all__ = ["PromptTuning"]

@@ -18,13 +18,15 @@ prompt tuning (:class:`fw_prompt.VirtualTokenInjector`). Cannot be merged into t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from framework.method import PeftMethod, copy_parameters
+from framework.method import PeftAdapter, PeftMethod, check_state_dict, copy_parameters
+from framework.peft_compat import refuse_unknown_options
 from fw_prompt import MODULE_NAME, add_virtual_tokens
+from fw_prompt.method import VIRTUAL_TOKEN_FIELDS, virtual_token_adapter
 from fw_ptuning.encoder import PromptEncoder
 
 FIELD = "model.method.init_args"
@@ -44,6 +46,8 @@ class PTuning(PeftMethod):
     """
 
     description = "P-tuning: virtual tokens from a trainable MLP/LSTM prompt encoder; stores only its output"
+    peft_type = "P_TUNING"
+    stored_key = STORED_KEY
 
     def __init__(
         self,
@@ -99,9 +103,11 @@ class PTuning(PeftMethod):
         encoder.train(was_training)
         return stored
 
-    def load_stored_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    def load_stored_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load what :meth:`stored_state_dict` returned, for inference: the encoder is bypassed
         (and frozen) and serves the stored embeddings."""
+        if strict:
+            check_state_dict(self.stored_state_dict(model), state_dict, type(self).__name__)
         state = dict(state_dict)
         if STORED_KEY not in state:
             raise KeyError(f"PTuning: '{STORED_KEY}' is missing from the stored weights")
@@ -109,6 +115,30 @@ class PTuning(PeftMethod):
         encoder.use_stored(state.pop(STORED_KEY))
         encoder.requires_grad_(False)
         copy_parameters(model, state, type(self).__name__)
+
+    # -- Hugging Face PEFT's format: the encoder's output as prompt_embeddings -----------------
+
+    def to_peft(self, model: nn.Module) -> PeftAdapter:
+        return virtual_token_adapter(self, model, {
+            "peft_type": self.peft_type, "encoder_reparameterization_type": self.encoder.upper(),
+            "encoder_hidden_size": self.encoder_hidden_size or model.get_input_embeddings().weight.shape[1],
+            "encoder_num_layers": self.encoder_num_layers, "encoder_dropout": self.encoder_dropout,
+        })
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:
+        encoder_fields = {"encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout"}
+        refuse_unknown_options(config, VIRTUAL_TOKEN_FIELDS | encoder_fields, cls.__name__)
+        kind = str(config.get("encoder_reparameterization_type", "MLP")).lower()
+        return {
+            "num_virtual_tokens": int(config["num_virtual_tokens"]), "encoder": "lstm" if kind == "lstm" else "mlp",
+            "encoder_hidden_size": config.get("encoder_hidden_size"),
+            "encoder_num_layers": int(config.get("encoder_num_layers") or 2),
+            "encoder_dropout": float(config.get("encoder_dropout") or 0.0),
+        }
+
+    def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {STORED_KEY if key == "prompt_embeddings" else key: value for key, value in weights.items()}
 
 
 __all__ = ["PTuning", "STORED_KEY"]

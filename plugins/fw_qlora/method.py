@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from framework.backbone import DTYPES
-from framework.method import MergeNotSupportedError
+from framework.method import MergeNotSupportedError, PeftAdapter
 from framework.targeting import ALL_LINEAR, find_modules, head_module_names, linear_types, set_submodule
 from fw_lora import LoRA, LoRALinear
 from fw_qlora.quant import QuantizationError, dequantize_weight, is_4bit, is_quantized_layer, probe, quantize_linear, to_plain
@@ -275,9 +275,21 @@ class QLoRA(LoRA):
         _dequantize_rest(model)
         model.to(DTYPES[self.merge_dtype])
 
-    def unload(self, model: nn.Module) -> nn.Module:  # type: ignore[override]
+    def unload(self, model: nn.Module) -> nn.Module:
         """:func:`merged_model` in this method's ``merge_dtype``."""
         return merged_model(model, DTYPES[self.merge_dtype])
+
+    def to_peft(self, model: nn.Module) -> PeftAdapter:
+        """LoRA's A and B, to load on the 16-bit base (PEFT's LoRA); the note says how to
+        reproduce the 4-bit base the adapter was trained on."""
+        adapter = super().to_peft(model)
+        adapter.notes.append(
+            f"trained as QLoRA on a {self.quant_type.upper()} 4-bit base (double quantization: "
+            f"{str(self.double_quant).lower()}); exported as LoRA for the 16-bit base. To evaluate it as trained, load "
+            f"the base with transformers' BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='{self.quant_type}', "
+            f"bnb_4bit_use_double_quant={self.double_quant}) and skip the task head (llm_int8_skip_modules)"
+        )
+        return adapter
 
 
 def _cast_input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:

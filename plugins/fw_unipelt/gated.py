@@ -58,6 +58,9 @@ class GatedLoRA(LoRA):
     description = "LoRA with an input-dependent gate per layer (UniPELT's LoRA part)"
     layer_type = GatedLoRALinear
 
+    def can_merge(self) -> bool:
+        return False
+
 
 class GatedPrefixTuning(PrefixTuning):
     """Prefix tuning with UniPELT's per-layer gate on the prefix keys and values."""
