@@ -15,6 +15,8 @@ import argparse
 import json
 import netrc
 import os
+import pickle
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -346,6 +348,15 @@ def main(argv: list[str] | None = None) -> int:
         cli_main(argv)
     except (RecipeError, registry.UnknownMethodError, AdapterError, ExportNotSupportedError) as err:
         print(f"fw: error: {err}", file=sys.stderr)
+        return 2
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a crafted checkpoint
+        reason = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(err))
+        print(
+            "fw: error: --ckpt_path: the checkpoint holds pickled objects beyond tensors and plain data"
+            f"{f' ({reason.group(1)})' if reason else ''}; fw loads checkpoints with weights_only=True and never "
+            "runs code from a file",
+            file=sys.stderr,
+        )
         return 2
     finally:
         _close_process_group()

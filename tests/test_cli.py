@@ -107,6 +107,18 @@ def test_fit_then_validate_test_predict_reproduce_the_metrics(tmp_path, sentimen
     assert accuracy == pytest.approx(fitted["metrics"]["test/accuracy"], abs=1e-6)
     assert f"accuracy against the labels: {accuracy:.4f}" in capsys.readouterr().out
 
+    # the fit left its adapter in fw's format; it evaluates as the checkpoint does, and so does
+    # its PEFT export read back (fw -> PEFT -> fw)
+    adapter = fit_dir / "adapter"
+    assert fitted["adapter_dir"] == str(adapter) and (adapter / "adapter.safetensors").is_file()
+    assert main(["test", "--config", path, "--adapter", str(adapter)]) == 0
+    assert main(["export", "--config", path, "--adapter", str(adapter), "--format", "peft", "--output", str(tmp_path / "peft")]) == 0
+    assert main(["test", "--config", path, "--adapter", str(tmp_path / "peft")]) == 0
+    for version in (4, 5):
+        tested = _summary(tmp_path / "runs" / "tiny" / f"version_{version}")
+        for key in ("test/accuracy", "test/f1_macro", "test/loss"):
+            assert tested["metrics"][key] == pytest.approx(fitted["metrics"][key], abs=1e-6), (version, key)
+
 
 def test_ckpt_path_alone_rebuilds_the_trained_method(tmp_path, sentiment_csv):
     """The checkpoint's hyper-parameters override a recipe that names another rank."""
