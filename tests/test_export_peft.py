@@ -104,6 +104,15 @@ def test_peft_loads_fws_export_with_fws_logits(case, tmp_path, tiny_bert_dir, ti
         assert saved["modules_to_save"] == ["classifier"]  # the trained head, as PEFT expects it
     theirs = peft_logits(peft_model(base, bool(task), str(tmp_path / "peft")), batch, ours.shape[1])
     assert max_diff(theirs, ours, f"{case} (PEFT loads fw's folder)") <= TOLERANCE
+    if method == "lora":  # transformers' own adapter loading (its PEFT integration) reads it too
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        plain = (AutoModelForCausalLM if task else AutoModelForSequenceClassification).from_pretrained(base).eval()
+        plain.load_adapter(str(tmp_path / "peft"))
+        with torch.no_grad():
+            loaded = plain(**batch).logits
+        assert max_diff(loaded, ours,
+                        f"{case} (transformers' load_adapter)") <= TOLERANCE
     if method != "compose":  # and back: fw reads its PEFT folder into the same method (composed: fw format)
         again = fw_logits(reimported(config, str(tmp_path / "peft")), batch)
         assert max_diff(again, ours, f"{case} (fw reads its PEFT folder)") <= TOLERANCE
