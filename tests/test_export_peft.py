@@ -168,6 +168,10 @@ def test_qlora_exports_as_lora_on_the_16bit_base_with_a_note(tmp_path, tiny_bert
     lora = fw_logits(reimported(recipe(tiny_bert_dir, "lora"), str(tmp_path)), batch)
     assert max_diff(peft_logits(loaded, batch, 0), lora, "qlora as LoRA on the 16-bit base") <= TOLERANCE
     assert (fw_logits(module, batch) - lora).abs().max().item() < 0.1
+    # read back into a QLoRA recipe: PEFT's rank and targets over the recipe's, the 4-bit base as trained
+    again = reimported(recipe(tiny_bert_dir, "qlora", r=16, quant_type="nf4"), str(tmp_path))
+    assert again.method.r == 4 and again.method.quant_type == "nf4"
+    assert max_diff(fw_logits(again, batch), fw_logits(module, batch), "qlora read back into qlora") <= TOLERANCE
 
 
 def test_adapter_trained_by_peft_evaluates_in_fw_with_pefts_logits(tmp_path, tiny_bert_dir, tiny_llama_dir):
