@@ -31,6 +31,7 @@ from framework import data as _data  # noqa: F401  (short class names in recipes
 from framework import registry
 from framework.config import deep_update
 from framework.formats.fw import AdapterError, write_fw_adapter
+from framework.finite import NonFiniteTrainingError
 from framework.formats.source import Adapter, read_adapter
 from framework.method import ExportNotSupportedError
 from framework.module import PeftModule
@@ -349,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, registry.UnknownMethodError, AdapterError, ExportNotSupportedError) as err:
         print(f"fw: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteTrainingError as err:
+        print(f"fw: error: {err}", file=sys.stderr)
+        return 1
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a crafted checkpoint
         reason = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(err))
         print(

@@ -16,6 +16,7 @@ from torch import nn
 
 from framework.backbone import Backbone
 from framework.config import to_config
+from framework.finite import NonFiniteTrainingError, explain, grad_norm, is_finite
 from framework.formats.fw import architecture
 from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
@@ -43,6 +44,8 @@ class PeftModule(LightningModule):
         warmup_ratio: fraction of the training steps with a linear warm-up.
         scheduler: learning-rate decay after warm-up.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        max_nonfinite_steps: how many steps with a NaN/inf loss or gradient are skipped (nothing
+            applied) before the run stops; 0 (default): the first one stops it.
     """
 
     def __init__(
@@ -57,12 +60,15 @@ class PeftModule(LightningModule):
         scheduler: Literal["linear", "cosine", "constant"] = "linear",
         gradient_checkpointing: bool = False,
         optimizer: OptimizerName = "adamw",
+        max_nonfinite_steps: int = 0,
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"model.learning_rate: expected > 0, got {learning_rate}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"model.warmup_ratio: expected a fraction in [0, 1), got {warmup_ratio}")
+        if not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 0:
+            raise ValueError(f"model.max_nonfinite_steps: expected an integer >= 0, got {max_nonfinite_steps!r}")
         task = task if task is not None else Classification()
         self.backbone = backbone
         self.method = method
@@ -73,6 +79,8 @@ class PeftModule(LightningModule):
         self.warmup_ratio = warmup_ratio
         self.scheduler = scheduler
         self.optimizer = optimizer
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps = 0  # skipped so far
         self.save_hyperparameters(
             to_config(
                 {
@@ -86,6 +94,7 @@ class PeftModule(LightningModule):
                     "scheduler": scheduler,
                     "gradient_checkpointing": gradient_checkpointing,
                     "optimizer": optimizer,
+                    "max_nonfinite_steps": max_nonfinite_steps,
                 }
             )
         )
@@ -177,10 +186,38 @@ class PeftModule(LightningModule):
             for logger in self.loggers:
                 logger.log_hyperparams(counts)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss, _ = self.task.step(self.model, batch)
+        if self._nonfinite("loss", loss.detach()):
+            return None  # Lightning skips backward and the optimizer step
         self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if str(self.trainer.precision) == "16-mixed":
+            return  # the loss scaler skips steps with inf gradients and lowers its scale
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self._nonfinite("gradient norm", grad_norm(params)):
+            for p in params:
+                p.grad = None  # the optimizer leaves parameters without a gradient alone
+
+    def _nonfinite(self, what: str, value: torch.Tensor) -> bool:
+        """Whether this step is skipped; raises once more steps went bad than the recipe allows.
+        Every rank takes the same decision."""
+        value = full_tensor(value)  # a sharded gradient norm is reduced over the ranks here
+        bad = not is_finite(value)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return False
+        self.nonfinite_steps += 1
+        if self.nonfinite_steps > self.max_nonfinite_steps:
+            raise NonFiniteTrainingError(explain(what, float(value), self.global_step + 1, self))
+        rank_zero_info(
+            f"fw: step {self.global_step + 1} skipped: the {what} is {float(value)} "
+            f"({self.nonfinite_steps} of model.max_nonfinite_steps={self.max_nonfinite_steps})"
+        )
+        return True
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         loss, outputs = self.task.step(self.model, batch)
