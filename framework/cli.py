@@ -29,6 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from framework import data as _data  # noqa: F401  (short class names in recipes: ClassificationData, ...)
 from framework import registry
+from framework.checkpoint_io import SafeCheckpoints
 from framework.config import deep_update
 from framework.formats.fw import AdapterError, write_fw_adapter
 from framework.finite import NonFiniteTrainingError
@@ -199,7 +200,7 @@ def cli_main(argv: list[str]) -> FwCLI:
         subclass_mode_data=True,
         save_config_callback=FwSaveConfig,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [RunSummary(), PredictionWriter()]},
+        trainer_defaults={"callbacks": [RunSummary(), PredictionWriter(), SafeCheckpoints()]},
         auto_configure_optimizers=False,
         args=registry.resolve_cli_names(argv),
     )

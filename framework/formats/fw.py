@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from framework.atomic_save import write_atomically
 from framework.config import to_config
 from framework.sharding import full_tensor
 
@@ -92,12 +92,6 @@ def metadata(module: Any) -> dict[str, Any]:
     }
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_fw_adapter(module: Any, directory: str | Path, write: bool = True) -> Path:
     """Write ``module``'s adapter into ``directory`` (created; its two files replaced whole).
     Under a distributed strategy every rank calls this (the tensors and counts are gathered)
@@ -107,8 +101,8 @@ def write_fw_adapter(module: Any, directory: str | Path, write: bool = True) -> 
     if not write:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _write_atomic(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_atomically(directory / WEIGHTS_FILE, lambda f: f.write(save(state, metadata={"format": "pt"})))
+    write_atomically(directory / CONFIG_FILE, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
     return directory
 
 
