@@ -81,6 +81,9 @@ class Backbone:
         gguf_file: the GGUF file inside ``name_or_path`` (found automatically when there is one).
         revision: hub revision (branch, tag or commit).
         trust_remote_code: allow model code from the hub.
+        seed: the seed of ``config`` backbones' random weights (null: the run's
+            ``seed_everything``); recorded in checkpoints, so a checkpoint is evaluated on the
+            backbone it was trained on whatever seed the evaluating run uses.
     """
 
     name_or_path: str | None = None
@@ -90,6 +93,7 @@ class Backbone:
     gguf_file: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if (self.name_or_path is None) == (self.config is None):
@@ -149,6 +153,9 @@ class Backbone:
         if self.config is not None:
             from transformers import AutoConfig
 
+            if self.seed is None:
+                self.seed = torch.initial_seed()  # what seed_everything set: recorded from now on
+            torch.manual_seed(self.seed)
             fields = dict(self.config)
             config = AutoConfig.for_model(fields.pop("model_type"), **fields, **model_kwargs)
             model = auto_class.from_config(config, trust_remote_code=self.trust_remote_code)
@@ -221,6 +228,7 @@ class Backbone:
         out: dict[str, Any] = {"dtype": self.dtype}
         if self.config is not None:
             out["config"] = self.config
+            out["seed"] = self.seed
         else:
             source = self.resolve()
             out.update(name_or_path=self.name_or_path, resolved=source.path, kind=source.kind)

@@ -20,12 +20,13 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from jsonargparse import get_loader, set_loader
 from lightning.pytorch import LightningDataModule, seed_everything
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 from framework import data as _data  # noqa: F401  (short class names in recipes: ClassificationData, ...)
 from framework import registry
@@ -37,6 +38,8 @@ from framework.formats.source import Adapter, read_adapter
 from framework.method import ExportNotSupportedError
 from framework.module import PeftModule
 from framework.predictions import PredictionWriter
+from framework.resume import ExactResume
+from framework.settings import adopted
 from framework.summary import RunSummary
 
 
@@ -100,11 +103,37 @@ class FwCLI(LightningCLI):
             help="after `fit`, evaluate on the test split (when the data has one)",
         )
         parser.add_argument(
+            "--ckpt_settings",
+            type=Literal["recipe", "adopt"],
+            default="recipe",
+            help="with --ckpt_path: `recipe` refuses a checkpoint trained with another backbone, method, method "
+            "arguments or head; `adopt` takes the checkpoint's (never its trust_remote_code)",
+        )
+        parser.add_argument(
             "--adapter",
             type=str | None,
             default=None,
             help="validate/test/predict: an fw or Hugging Face PEFT adapter folder, loaded on the recipe's backbone",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Unlike LightningCLI, never take a checkpoint's settings silently (framework/settings.py):
+        only with ``--ckpt_settings adopt``, or a ``config`` backbone's seed the recipe leaves open."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        path = config.get("ckpt_path") if config is not None else None
+        if not path or not Path(path).is_file():
+            return
+        hparams = read_adapter(path).hparams
+        backbone = config.model.backbone
+        if config.get("ckpt_settings") == "adopt":
+            update = adopted(hparams, trust_remote_code=bool(backbone.trust_remote_code))
+            print(f"fw: --ckpt_settings adopt: the model's {', '.join(update)} are the checkpoint's")
+        elif backbone.config is not None and backbone.seed is None and (hparams.get("backbone") or {}).get("seed") is not None:
+            update = {"backbone": {"seed": hparams["backbone"]["seed"]}}  # the random weights it was trained on
+        else:
+            return
+        self.config = self.parser.parse_object({subcommand: {"model": update}}, self.config)
 
     def _use_adapter(self, config: Any) -> None:
         """``--adapter DIR``: build the adapter's method (checked against the recipe's) and
@@ -117,10 +146,8 @@ class FwCLI(LightningCLI):
         if config.get("ckpt_path"):
             raise AdapterError("--adapter and --ckpt_path both give weights; pass one of them")
         adapter = read_adapter(config.adapter)
-        model: dict[str, Any] = {"method": adapter.method_config(config.model.get("method"))}
-        if adapter.head_trained() is not None:
-            model["train_head"] = adapter.head_trained()
-        self.config = self.parser.parse_object({self.subcommand: {"model": model}}, self.config)
+        update = adapter.model_update(config.model)
+        self.config = self.parser.parse_object({self.subcommand: {"model": update}}, self.config)
         self._adapter = adapter
 
     def before_instantiate_classes(self) -> None:
@@ -172,6 +199,14 @@ class FwCLI(LightningCLI):
         if self.trainer.is_global_zero:
             print(f"fw: adapter written to {directory} (fw export --adapter {directory} --format peft|merged ...)")
 
+    def before_fit(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path:
+            rank_zero_info(
+                f"fw: resuming from {ckpt_path}: the same batches, order and random states from there on; this part "
+                f"logs to {self.trainer.log_dir} and its summary covers the whole run"
+            )
+
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
         if self.trainer.interrupted:
@@ -194,13 +229,15 @@ def cli_main(argv: list[str]) -> FwCLI:
     set_loader("yaml", _yaml_with_method_names)
     # fw passes the command line as `args` after rewriting registered method names
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # fw's training order resumes mid-epoch (framework/resume.py), which Lightning cannot see
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     return FwCLI(
         PeftModule,
         LightningDataModule,
         subclass_mode_data=True,
         save_config_callback=FwSaveConfig,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [RunSummary(), PredictionWriter(), SafeCheckpoints()]},
+        trainer_defaults={"callbacks": [RunSummary(), PredictionWriter(), SafeCheckpoints(), ExactResume()]},
         auto_configure_optimizers=False,
         args=registry.resolve_cli_names(argv),
     )

@@ -9,7 +9,7 @@ from typing import Any
 from framework.formats.fw import write_fw_adapter
 from framework.formats.merged import write_merged
 from framework.formats.peft import write_peft_adapter
-from framework.formats.source import read_adapter
+from framework.formats.source import read_adapter, updated
 from framework.method import ExportNotSupportedError
 
 WRITERS = {"peft": write_peft_adapter, "merged": write_merged, "fw": write_fw_adapter}
@@ -31,11 +31,7 @@ def export(model_config: dict[str, Any], source: str, fmt: str, output: str | Pa
     from framework.cli import build_module
 
     adapter = read_adapter(source)
-    model_config = dict(model_config)
-    model_config["method"] = adapter.method_config(model_config.get("method"))
-    if adapter.head_trained() is not None:
-        model_config["train_head"] = adapter.head_trained()
-    module = build_module(model_config, overrides)
+    module = build_module(updated(model_config, adapter.model_update(model_config)), overrides)
     adapter.load_into(module)
     module.eval()
     try:

@@ -17,10 +17,11 @@ from torch import nn
 from framework.backbone import Backbone
 from framework.config import to_config
 from framework.finite import NonFiniteTrainingError, explain, grad_norm, is_finite
-from framework.formats.fw import architecture
+from framework.formats.fw import AdapterError, architecture
 from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
 from framework.optim import OptimizerName, build_optimizer
+from framework.settings import differences
 from framework.sharding import full_tensor, is_sharded, shard_like, shard_model
 from framework.targeting import head_module_names
 from framework.tasks import Classification, Task
@@ -81,7 +82,8 @@ class PeftModule(LightningModule):
         self.optimizer = optimizer
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps = 0  # skipped so far
-        self.save_hyperparameters(
+        self.model = backbone.build(task.auto_model_class(), **task.model_kwargs())
+        self.save_hyperparameters(  # after building: a random-init backbone has recorded its seed
             to_config(
                 {
                     "backbone": backbone,
@@ -99,7 +101,6 @@ class PeftModule(LightningModule):
             )
         )
 
-        self.model = backbone.build(task.auto_model_class(), **task.model_kwargs())
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
         task.configure_model(self.model)
         self.backbone_params = numel(self.model.parameters())
@@ -300,6 +301,17 @@ class PeftModule(LightningModule):
             "task": to_config(self.task),
             "param_counts": self.param_counts().as_dict(),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The recipe is the authority: a checkpoint of another backbone, method, method
+        arguments or head is refused before its weights are loaded (framework/settings.py)."""
+        found = differences(dict(self.hparams), checkpoint.get("hyper_parameters") or {})
+        if found:
+            raise AdapterError(
+                f"--ckpt_path: the checkpoint was trained with other settings than the recipe's: "
+                f"{'; '.join(found[:6])}{'; ...' if len(found) > 6 else ''}. Use the run's recipe, or pass "
+                "--ckpt_settings adopt to take the checkpoint's (its trust_remote_code is never taken)"
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load an adapter-only state dict (keys ``model.<name>``) on top of the backbone."""

@@ -31,6 +31,20 @@ class RunSummary(Callback):
         self.rss_at_fit_start: int | None = None
         self.peak_after_fit: tuple[int, str] | None = None
         self.adapter_dir: str | None = None  # where a finished fit wrote its adapter (fw format)
+        self.seconds_before = 0.0  # fit time of the run this one resumed (from its checkpoint)
+        self.resumed_at_step: int | None = None
+
+    # -- a resumed run's summary covers the whole run ------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds_before + time.perf_counter() - self._t0,
+                "step_seconds": list(self.step_seconds), "examples": self.examples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seconds_before = float(state.get("seconds", 0.0))
+        self.step_seconds = list(state.get("step_seconds", []))
+        self.examples = int(state.get("examples", 0))
+        self.resumed_at_step = len(self.step_seconds)
 
     # -- timing ---------------------------------------------------------------------------
 
@@ -52,7 +66,7 @@ class RunSummary(Callback):
         self.examples += len(batch["input_ids"])
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.fit_seconds = time.perf_counter() - self._t0
+        self.fit_seconds = self.seconds_before + time.perf_counter() - self._t0
         self.peak_after_fit = peak_memory_bytes(pl_module.device)
 
     # -- metrics --------------------------------------------------------------------------
@@ -98,6 +112,8 @@ class RunSummary(Callback):
         }
         if self.adapter_dir is not None:
             out["adapter_dir"] = self.adapter_dir
+        if self.resumed_at_step is not None:
+            out["resumed_at_step"] = self.resumed_at_step
         if len(self.step_seconds) > 2:
             timed = self.step_seconds[2:]  # skip warm-up steps
             out["median_step_seconds"] = round(statistics.median(timed), 5)

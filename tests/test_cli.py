@@ -120,14 +120,37 @@ def test_fit_then_validate_test_predict_reproduce_the_metrics(tmp_path, sentimen
             assert tested["metrics"][key] == pytest.approx(fitted["metrics"][key], abs=1e-6), (version, key)
 
 
-def test_ckpt_path_alone_rebuilds_the_trained_method(tmp_path, sentiment_csv):
-    """The checkpoint's hyper-parameters override a recipe that names another rank."""
+def test_a_checkpoint_of_other_settings_is_refused_unless_adopted(tmp_path, sentiment_csv, capsys):
+    """The recipe is the authority: another rank is one line naming the field;
+    --ckpt_settings adopt rebuilds what was trained (saying so)."""
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, sentiment_csv))
     assert main(["fit", "--config", path, "--trainer.max_epochs", "1"]) == 0
     ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
-    assert main(["test", "--config", path, "--model.method.init_args.r", "4", "--ckpt_path", str(ckpt)]) == 0
-    summary = _summary(tmp_path / "runs" / "tiny" / "version_1")
+    capsys.readouterr()
+    assert main(["test", "--config", path, "--model.method.init_args.r", "4", "--ckpt_path", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "--ckpt_path: the checkpoint was trained with other settings than the recipe's: " in err
+    assert "model.method.init_args.r: recipe 4, checkpoint 8" in err and "Traceback" not in err
+    assert main(["test", "--config", path, "--model.method.init_args.r", "4", "--ckpt_path", str(ckpt),
+                 "--ckpt_settings", "adopt"]) == 0
+    assert "the model's backbone, method, task, train_head are the checkpoint's" in capsys.readouterr().out
+    summary = _summary(tmp_path / "runs" / "tiny" / "version_2")
     assert summary["params"]["method_params"] == 2 * 2 * 8 * 128
+
+
+def test_a_random_init_backbone_keeps_its_seed_in_the_checkpoint(tmp_path, sentiment_csv):
+    """Evaluated under another seed_everything, a checkpoint still sees its own random backbone."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, sentiment_csv))
+    assert main(["fit", "--config", path, "--trainer.max_epochs", "1"]) == 0
+    fitted = _summary(tmp_path / "runs" / "tiny" / "version_0")
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["backbone"]["seed"] == 0
+    adapter = tmp_path / "runs" / "tiny" / "version_0" / "adapter"
+    for source in (["--ckpt_path", str(ckpt)], ["--adapter", str(adapter)]):
+        assert main(["test", "--config", path, "--seed_everything", "123", *source]) == 0
+    for version in (1, 2):
+        tested = _summary(tmp_path / "runs" / "tiny" / f"version_{version}")
+        assert tested["metrics"]["test/loss"] == pytest.approx(fitted["metrics"]["test/loss"], abs=1e-6)
 
 
 # -- bad recipes fail before training, naming the field ------------------------------------

@@ -18,7 +18,7 @@ from framework import registry
 from framework.cli import build_module
 from framework.formats.fw import write_fw_adapter
 from framework.formats.merged import write_merged
-from framework.formats.source import read_adapter
+from framework.formats.source import read_adapter, updated
 
 #: arguments that keep each registered method small on the tiny BERT
 SMALL = {
@@ -66,7 +66,7 @@ def test_every_method_round_trips_through_fws_format(name, tmp_path):
     assert meta["architecture"]["hidden_size"] == TINY_BERT["hidden_size"] and meta["train_head"] is True
 
     adapter = read_adapter(tmp_path)
-    rebuilt = {**config, "method": adapter.method_config(config["method"])}
+    rebuilt = updated(config, adapter.model_update(config))
     torch.manual_seed(0)  # the same random backbone: the adapter must restore what training changed
     fresh = build_module(rebuilt)
     assert not torch.equal(logits(fresh.eval(), batch), ours)

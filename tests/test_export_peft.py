@@ -15,7 +15,7 @@ from conftest import TINY_BERT, TOKENIZER, padded_ids, perturb_trainable, write_
 from framework.cli import build_module, main
 from framework.formats.fw import write_fw_adapter
 from framework.formats.peft import write_peft_adapter
-from framework.formats.source import read_adapter
+from framework.formats.source import read_adapter, updated
 
 peft = pytest.importorskip("peft")
 
@@ -62,10 +62,7 @@ def max_diff(theirs: torch.Tensor, ours: torch.Tensor, label: str) -> float:
 
 def reimported(model_config: dict[str, Any], adapter_dir: str):
     adapter = read_adapter(adapter_dir)
-    config = {**model_config, "method": adapter.method_config(model_config["method"])}
-    if adapter.head_trained() is not None:
-        config["train_head"] = adapter.head_trained()
-    module = build_module(config)
+    module = build_module(updated(model_config, adapter.model_update(model_config)))
     adapter.load_into(module)
     return module.eval()
 

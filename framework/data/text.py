@@ -22,7 +22,9 @@ import datasets
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
+
+from framework.data.sampler import EpochSampler
 
 from framework.data.packaged import PACKAGED
 
@@ -182,37 +184,38 @@ class TextDataModule(LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int, collate_split: str | None = None,
-                sampler: DistributedSampler | None = None) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, collate_split: str | None = None,
+                sampler: EpochSampler | None = None) -> DataLoader:
         assert self.encoded is not None, "call setup() first"
         return DataLoader(
             self.encoded[split],
             batch_size=batch_size,
-            shuffle=shuffle,
             sampler=sampler,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            # its own generator: starting an iterator (every epoch, every validation) would
+            # otherwise draw from torch's global RNG, which dropout then sees shifted
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             collate_fn=lambda rows: self.collate(collate_split or split, rows),
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Training batches in an order that depends on (seed, epoch) alone and can resume
+        mid-epoch (:class:`EpochSampler`); under DDP rank r reads positions r, r + world, ...
+        (Lightning keeps this sampler rather than shuffling with its own)."""
+        assert self.encoded is not None, "call setup() first"
         trainer = self.trainer
-        sampler = None
-        if not self.shuffle and trainer is not None and trainer.world_size > 1:
-            # Lightning's own distributed sampler always shuffles training data; keep the
-            # file's order (rank r reads rows r, r + world_size, ...) when shuffling is off
-            assert self.encoded is not None, "call setup() first"
-            sampler = DistributedSampler(self.encoded["train"], trainer.world_size, trainer.global_rank, shuffle=False)
-        return self._loader("train", self.shuffle, self.batch_size, sampler=sampler)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSampler(self.encoded["train"], self.shuffle, self.seed, world, rank)
+        return self._loader("train", self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", False, self.eval_batch_size)
+        return self._loader("validation", self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
+        return self._loader("test", self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size, collate_split="predict")
+        return self._loader("test", self.eval_batch_size, collate_split="predict")
 
     def split_sizes(self) -> dict[str, int]:
         return {k: len(v) for k, v in self.load_raw().items()}

@@ -88,6 +88,7 @@ class Adapter:
     architecture: dict[str, Any] | None = None
     backbone: Any = None  # what the adapter says it was trained on
     peft_config: dict[str, Any] = field(default_factory=dict)
+    hparams: dict[str, Any] = field(default_factory=dict)  # a checkpoint's model hyper-parameters
 
     @property
     def label(self) -> str:
@@ -142,6 +143,20 @@ class Adapter:
         same = recipe_method is not None and method_class(recipe_method) is recipe_cls
         base = dict((recipe_method.get("init_args") or {}) if same and isinstance(recipe_method, dict) else {})
         return {"class_path": canonical(recipe_cls), "init_args": {**base, **recipe_cls.from_peft(self.peft_config)}}
+
+    def model_update(self, recipe_model: Any) -> dict[str, Any]:
+        """The ``model`` config update that builds this adapter's module from the recipe's:
+        the method, whether the head trained, and a ``config`` backbone's seed when the recipe
+        leaves it open (the random weights the adapter was trained on)."""
+        recipe_model = _plain(recipe_model) or {}
+        update: dict[str, Any] = {"method": self.method_config(recipe_model.get("method"))}
+        if self.head_trained() is not None:
+            update["train_head"] = self.head_trained()
+        backbone = recipe_model.get("backbone") or {}
+        seed = self.backbone.get("seed") if isinstance(self.backbone, dict) else None
+        if backbone.get("config") is not None and backbone.get("seed") is None and seed is not None:
+            update["backbone"] = {"seed": seed}
+        return update
 
     def head_trained(self) -> bool | None:
         """Whether the adapter carries a trained task head (None: as the task decides)."""
@@ -220,6 +235,12 @@ class Adapter:
             )
 
 
+def updated(model_config: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's plain ``model`` section with :meth:`Adapter.model_update` applied."""
+    backbone = {**(model_config.get("backbone") or {}), **update.get("backbone", {})}
+    return {**model_config, **update, "backbone": backbone}
+
+
 def read_adapter(path: str | Path) -> Adapter:
     """A checkpoint file, an fw adapter folder or a PEFT adapter folder."""
     path = Path(path)
@@ -257,5 +278,5 @@ def _read_checkpoint(path: Path) -> Adapter:
     hparams = checkpoint.get("hyper_parameters") or {}
     return Adapter(path, "checkpoint", state, method=info.get("method"), task=info.get("task"),
                    train_head=hparams.get("train_head"), architecture=info.get("architecture"),
-                   backbone=info.get("backbone"))
+                   backbone=info.get("backbone"), hparams=hparams)
 

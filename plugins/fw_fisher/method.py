@@ -114,7 +114,7 @@ class FisherMask(PeftMethod):
         # rank 0's mask: one mask everywhere, the same as a single-process run's
         share = trainer.strategy.broadcast if trainer is not None and trainer.world_size > 1 else None
         loader = datamodule.train_dataloader()
-        if isinstance(loader.sampler, DistributedSampler):
+        if isinstance(loader.sampler, DistributedSampler) and loader.sampler.num_replicas > 1:
             loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
         self.select(module.model, lambda batch: module.task.step(module.model, batch)[0], loader, device, progress, share)
 
