@@ -16,6 +16,7 @@ builds the architecture with random weights (how the tests get real architecture
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import os
@@ -26,6 +27,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from framework.errors import FieldError
 
 DTypeName = Literal["float32", "bfloat16", "float16", "auto"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,6 +45,30 @@ def package_dir(name: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def check_config_fields(config: dict[str, Any]) -> None:
+    """``model_type`` is an architecture transformers knows and every other key is a field of its
+    config class: transformers itself silently ignores a misspelt one (``hidden_szie``)."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        raise ValueError(
+            f"model.backbone.config.model_type: {model_type!r} is not an architecture transformers knows"
+            + (f" (did you mean {', '.join(close)}?)" if close else "")
+        )
+    default = CONFIG_MAPPING[model_type]()
+    fields = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+    for key in config:
+        if key != "model_type" and key not in fields and not hasattr(default, key):
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            raise ValueError(
+                f"model.backbone.config.{key}: not a field of {type(default).__name__}"
+                + (f" (did you mean {close[0]}?)" if close else "")
+                + "; transformers would ignore it"
+            )
 
 
 def cache_root() -> Path:
@@ -107,6 +134,8 @@ class Backbone:
                 "model.backbone.config: needs a 'model_type' field (e.g. model_type: bert) so "
                 f"transformers knows which architecture to build; got fields {sorted(self.config)}"
             )
+        if self.config is not None:
+            check_config_fields(self.config)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"model.backbone.dtype: expected one of {[*DTYPES, 'auto']}, got {self.dtype!r}")
 
@@ -188,7 +217,7 @@ class Backbone:
         elif self.name_or_path is not None:
             source = self.resolve()
         else:
-            raise ValueError(
+            raise FieldError(
                 "model.backbone.tokenizer: a backbone built from `config` has no tokenizer; name one "
                 "(a folder, an installed model package or a hub id) to train on text"
             )

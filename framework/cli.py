@@ -27,23 +27,37 @@ from jsonargparse import get_loader, set_loader
 from lightning.pytorch import LightningDataModule, seed_everything
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from framework import data as _data  # noqa: F401  (short class names in recipes: ClassificationData, ...)
 from framework import registry
 from framework.checkpoint_io import SafeCheckpoints
 from framework.config import deep_update
+from framework.errors import (
+    RECIPE_ERRORS,
+    FieldError,
+    RecipeError,
+    check_recipe_files,
+    check_trainer,
+    debug,
+    essential,
+    parser_message,
+)
 from framework.formats.fw import AdapterError, write_fw_adapter
 from framework.finite import NonFiniteTrainingError
 from framework.formats.source import Adapter, read_adapter
 from framework.method import ExportNotSupportedError
 from framework.module import PeftModule
 from framework.predictions import PredictionWriter
+from framework.quiet import progress_bars, quiet_libraries, verbose_requested
 from framework.resume import ExactResume
 from framework.settings import adopted
 from framework.summary import RunSummary
 
 
 _YAML_LOADER = get_loader("yaml")
+#: what Lightning resolves itself as a --ckpt_path
+LIGHTNING_CKPT_NAMES = {"last", "best", "hpc", "registry"}
 #: the folder of a run's log directory that holds its adapter in fw's format
 ADAPTER_DIR = "adapter"
 
@@ -51,25 +65,6 @@ ADAPTER_DIR = "adapter"
 def _yaml_with_method_names(text: str) -> Any:
     """jsonargparse's YAML loader, plus registered method names as class paths."""
     return registry.resolve_names(_YAML_LOADER(text))
-
-
-class RecipeError(Exception):
-    """A recipe that cannot be built: reported as one line naming the field, before training."""
-
-
-RECIPE_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError)
-
-
-def _essential(message: str) -> str:
-    """jsonargparse reports a failed Optional[...] as a union of errors; keep the real one."""
-    if "Union subtypes" not in message:
-        return message
-    errors = [
-        line.strip()[2:]
-        for line in message.splitlines()
-        if line.strip().startswith("- ") and "NoneType" not in line
-    ]
-    return "; ".join(errors) or message
 
 
 class FwSaveConfig(SaveConfigCallback):
@@ -88,6 +83,27 @@ def _wandb_has_credentials() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
+
+
+def last_checkpoint(trainer: Any) -> Path:
+    """``--ckpt_path last``: the ``last.ckpt`` of the newest run under the recipe's logger folder
+    (every run writes a new ``version_N``, so Lightning's own lookup, in the new run's folder,
+    would find nothing and silently start from scratch)."""
+    loggers = trainer.get("logger")
+    roots = []
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        args = getattr(logger, "init_args", None)
+        if args is not None and args.get("save_dir") is not None:
+            roots.append(Path(args.get("save_dir")) / str(args.get("name") or "lightning_logs"))
+    roots.append(Path(trainer.get("default_root_dir") or "."))
+    found = [p for root in roots for p in root.glob("version_*/checkpoints/last.ckpt")]
+    found += [p for root in roots for p in [root / "checkpoints" / "last.ckpt"] if p.is_file()]
+    if not found:
+        raise FieldError(f"--ckpt_path last: no last.ckpt under {', '.join(str(r) for r in roots)}; give the checkpoint's path")
+    def version(path: Path) -> int:
+        match = re.fullmatch(r"version_(\d+)", path.parent.parent.name)
+        return int(match.group(1)) if match else -1
+    return max(found, key=lambda p: (version(p), p.stat().st_mtime))
 
 
 class FwCLI(LightningCLI):
@@ -122,8 +138,12 @@ class FwCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
         path = config.get("ckpt_path") if config is not None else None
-        if not path or not Path(path).is_file():
+        if path == "last":
+            path = config.ckpt_path = str(last_checkpoint(config.trainer))
+        if not path or str(path) in LIGHTNING_CKPT_NAMES:
             return
+        if not Path(path).is_file():
+            raise FieldError(f"--ckpt_path: no such checkpoint '{path}'")
         hparams = read_adapter(path).hparams
         backbone = config.model.backbone
         if config.get("ckpt_settings") == "adopt":
@@ -152,6 +172,9 @@ class FwCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand:
+            check_trainer(config.trainer, self.subcommand)
+            progress_bars(config.trainer.get("enable_progress_bar") is not False)
         if self.subcommand and "weights_only" in config:
             if config.weights_only is False:
                 raise AdapterError(
@@ -173,11 +196,17 @@ class FwCLI(LightningCLI):
             if args.get("save_dir") in (None, ".") and config.trainer.get("default_root_dir"):
                 args["save_dir"] = config.trainer.default_root_dir  # the run's files go with its logs
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (*RECIPE_ERRORS, MisconfigurationException) as err:
+            raise RecipeError(f"trainer: {essential(str(err))}") from err
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except RECIPE_ERRORS as err:
-            raise RecipeError(_essential(str(err))) from err
+            raise RecipeError(essential(str(err))) from err
         if self._adapter is not None:
             self._adapter.load_into(self.model)
 
@@ -239,6 +268,8 @@ def cli_main(argv: list[str]) -> FwCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [RunSummary(), PredictionWriter(), SafeCheckpoints(), ExactResume()]},
         auto_configure_optimizers=False,
+        # errors come back as exceptions (main prints them as one line), not usage + exit
+        parser_kwargs={"exit_on_error": False, **{sub: {"exit_on_error": False} for sub in FwCLI.subcommands()}},
         args=registry.resolve_cli_names(argv),
     )
 
@@ -378,28 +409,46 @@ def export_main(argv: list[str]) -> int:
 COMMANDS = {"methods": methods_main, "inspect": inspect_main, "bench": bench_main, "export": export_main}
 
 
+USER_ERRORS = (RecipeError, FieldError, registry.UnknownMethodError, AdapterError, ExportNotSupportedError)
+
+
+def user_error(err: BaseException) -> tuple[str, int] | None:
+    """``(the one line, exit code)`` for an error the user can fix; None for fw's own bugs."""
+    if isinstance(err, USER_ERRORS):
+        return str(err), 2
+    if isinstance(err, argparse.ArgumentError):  # jsonargparse, with exit_on_error=False
+        return parser_message(str(err)), 2
+    if isinstance(err, NonFiniteTrainingError):
+        return str(err), 1
+    if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a crafted checkpoint
+        reason = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(err))
+        return (
+            "--ckpt_path: the checkpoint holds pickled objects beyond tensors and plain data"
+            f"{f' ({reason.group(1)})' if reason else ''}; fw loads checkpoints with weights_only=True and never "
+            "runs code from a file",
+            2,
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``fw``: one ``fw: error:`` line and exit code 2 (1 for a run that went non-finite) for
+    what the user can fix; a traceback for fw's own bugs, or for anything with FW_DEBUG=1."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    verbose, argv = verbose_requested(argv)
+    quiet_libraries(verbose)
     registry.discover()  # every fw.methods entry point is imported before parsing
     try:
+        check_recipe_files(argv)
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         cli_main(argv)
-    except (RecipeError, registry.UnknownMethodError, AdapterError, ExportNotSupportedError) as err:
-        print(f"fw: error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteTrainingError as err:
-        print(f"fw: error: {err}", file=sys.stderr)
-        return 1
-    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a crafted checkpoint
-        reason = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(err))
-        print(
-            "fw: error: --ckpt_path: the checkpoint holds pickled objects beyond tensors and plain data"
-            f"{f' ({reason.group(1)})' if reason else ''}; fw loads checkpoints with weights_only=True and never "
-            "runs code from a file",
-            file=sys.stderr,
-        )
-        return 2
+    except Exception as err:
+        reported = user_error(err)
+        if reported is None or debug():
+            raise
+        print(f"fw: error: {reported[0]}", file=sys.stderr)
+        return reported[1]
     finally:
         _close_process_group()
     return 0

@@ -17,6 +17,8 @@ from torch import nn
 from framework.backbone import Backbone
 from framework.config import to_config
 from framework.finite import NonFiniteTrainingError, explain, grad_norm, is_finite
+from framework.data.text import TextDataModule
+from framework.errors import FieldError
 from framework.formats.fw import AdapterError, architecture
 from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
@@ -68,6 +70,8 @@ class PeftModule(LightningModule):
             raise ValueError(f"model.learning_rate: expected > 0, got {learning_rate}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"model.warmup_ratio: expected a fraction in [0, 1), got {warmup_ratio}")
+        if weight_decay < 0:
+            raise ValueError(f"model.weight_decay: expected >= 0, got {weight_decay}")
         if not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 0:
             raise ValueError(f"model.max_nonfinite_steps: expected an integer >= 0, got {max_nonfinite_steps!r}")
         task = task if task is not None else Classification()
@@ -157,16 +161,25 @@ class PeftModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        expected = self.task.data_class
+        if expected and isinstance(datamodule, TextDataModule) and expected not in {c.__name__ for c in type(datamodule).__mro__}:
+            raise FieldError(
+                f"data: {type(self.task).__name__} trains on {expected}, but the recipe's data is "
+                f"{type(datamodule).__name__}; set data.class_path: {expected} (or model.task to match the data)"
+            )
         if datamodule is not None and getattr(datamodule, "tokenizer", "absent") is None:
             datamodule.tokenizer = self.tokenizer
         names = getattr(datamodule, "label_names", None) if isinstance(self.task, Classification) else None
         if names is not None and len(names) > self.task.num_labels:
-            raise ValueError(
+            raise FieldError(
                 f"model.task.num_labels: the data has {len(names)} classes ({', '.join(names[:10])}) "
                 f"but num_labels is {self.task.num_labels}; set model.task.num_labels: {len(names)}"
             )
         if stage == "fit" and self.method is not None:
-            self.method.prepare(self, datamodule)
+            try:
+                self.method.prepare(self, datamodule)
+            except ValueError as err:  # a plugin's refusal of the recipe (its strategy, its data)
+                raise FieldError(str(err)) from err
 
     def configure_model(self) -> None:
         """Under :class:`framework.strategies.FSDP` (a device mesh is set): shard every
@@ -178,8 +191,9 @@ class PeftModule(LightningModule):
 
     def on_fit_start(self) -> None:
         if not any(p.requires_grad for p in self.model.parameters()):
-            raise RuntimeError(
-                f"nothing to train: {type(self.method).__name__} left no parameter trainable and the head is frozen"
+            raise FieldError(
+                f"model.train_head: nothing to train: {type(self.method).__name__} left no parameter trainable and "
+                "the head is frozen; set model.train_head: true or choose a method that trains"
             )
         rank_zero_info(self.summary_text())
         if self.logger is not None:

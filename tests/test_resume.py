@@ -64,21 +64,6 @@ def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert worst <= 1e-6, worst
 
 
-def test_resumed_runs_end_where_the_uninterrupted_run_ends(files, tmp_path):
-    root = tmp_path / "whole"
-    path = write_recipe(tmp_path / "whole.yaml", recipe(root, files))
-    assert main(["fit", "--config", path]) == 0
-    whole = root / "runs" / "r" / "version_0"
-    reference = adapter(whole)
-    checkpoints = whole / "checkpoints"
-    for step in (2, 3, 7):  # mid-epoch, at the first epoch's end, mid-epoch in the last epoch
-        assert main(["fit", "--config", path, "--ckpt_path", str(checkpoints / f"step={step}.ckpt")]) == 0
-        resumed = sorted((root / "runs" / "r").glob("version_*"))[-1]
-        assert_same_adapter(adapter(resumed), reference)
-        summary = json.loads((resumed / "summary.json").read_text())
-        assert summary["train_steps"] == 9 and summary["resumed_at_step"] == step  # the whole run's steps
-
-
 KILLER = '''
 import os, signal
 from lightning.pytorch import Callback
@@ -95,19 +80,37 @@ class KillAtStep(Callback):
 '''
 
 
-def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(files, tmp_path):
+def killed_at(step: int, files: dict[str, str], tmp_path: Path) -> Path:
+    """``fw fit`` in a subprocess, killed with SIGKILL before step ``step``; its run folder."""
     (tmp_path / "killer.py").write_text(KILLER)
-    root = tmp_path / "killed"
-    killed = recipe(root, files, {"class_path": "killer.KillAtStep", "init_args": {"step": 5}})
-    path = write_recipe(tmp_path / "killed.yaml", killed)
+    root = tmp_path / f"killed-{step}"
+    root.mkdir()
+    path = write_recipe(root / "r.yaml", recipe(root, files, {"class_path": "killer.KillAtStep", "init_args": {"step": step}}))
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     fw = str(Path(sys.executable).with_name("fw"))
     done = subprocess.run([fw, "fit", "--config", path], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, done.stderr[-3000:]
-    last = root / "runs" / "r" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 5
-    resumed = recipe(root, files)
-    assert main(["fit", "--config", write_recipe(tmp_path / "resume.yaml", resumed), "--ckpt_path", str(last)]) == 0
-    whole = tmp_path / "whole"
-    assert main(["fit", "--config", write_recipe(tmp_path / "whole.yaml", recipe(whole, files))]) == 0
-    assert_same_adapter(adapter(root / "runs" / "r" / "version_1"), adapter(whole / "runs" / "r" / "version_0"))
+    return root
+
+
+def test_resumed_runs_end_where_the_uninterrupted_run_ends(files, tmp_path):
+    """Resumed mid-epoch, at an epoch's end and in the last epoch, from checkpoints and after
+    kill -9 (at an epoch boundary and mid-epoch): the final adapter is the uninterrupted one's."""
+    root = tmp_path / "whole"
+    path = write_recipe(tmp_path / "whole.yaml", recipe(root, files))
+    assert main(["fit", "--config", path]) == 0
+    whole = root / "runs" / "r" / "version_0"
+    reference = adapter(whole)
+    for step in (2, 7):  # from a kept checkpoint: mid-epoch in the first and in the last epoch
+        assert main(["fit", "--config", path, "--ckpt_path", str(whole / "checkpoints" / f"step={step}.ckpt")]) == 0
+        resumed = sorted((root / "runs" / "r").glob("version_*"))[-1]
+        assert_same_adapter(adapter(resumed), reference)
+        summary = json.loads((resumed / "summary.json").read_text())
+        assert summary["train_steps"] == 9 and summary["resumed_at_step"] == step  # the whole run's steps
+    for step in (3, 5):  # killed at the first epoch's end, and mid-epoch; resumed with `last`
+        killed = killed_at(step, files, tmp_path)
+        last = killed / "runs" / "r" / "version_0" / "checkpoints" / "last.ckpt"
+        assert torch.load(last, weights_only=True)["global_step"] == step
+        resume = write_recipe(killed / "resume.yaml", recipe(killed, files))  # the same run, without the killer
+        assert main(["fit", "--config", resume, "--ckpt_path", "last"]) == 0
+        assert_same_adapter(adapter(killed / "runs" / "r" / "version_1"), reference)

@@ -7,6 +7,7 @@ from typing import Any
 import datasets
 import torch
 
+from framework.data.checks import Locate, check_labels, non_empty, require_columns
 from framework.data.text import TextDataModule
 
 
@@ -54,13 +55,15 @@ class ClassificationData(TextDataModule):
         index = {name: i for i, name in enumerate(self.label_names)}
         return [index[str(v)] for v in values]
 
+    def check_rows(self, data: datasets.Dataset, where: str, locate: Locate) -> None:
+        require_columns(data, (self.text_column, self.text_pair_column, self.label_column), where,
+                        "data.text_column / data.label_column")
+        non_empty(data, self.text_column, "text", where, locate)
+        check_labels(data, self.label_column, where, locate)
+
     def encode(self, split: str, data: datasets.Dataset) -> datasets.Dataset:
-        for column in (self.text_column, self.text_pair_column, self.label_column):
-            if column is not None and column not in data.column_names:
-                raise ValueError(
-                    f"data: the {split} split has no column '{column}'; its columns are {data.column_names} "
-                    "(set data.text_column / data.label_column)"
-                )
+        require_columns(data, (self.text_column, self.text_pair_column, self.label_column), f"data: the {split} split",
+                        "data.text_column / data.label_column")
 
         def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
             pair = batch[self.text_pair_column] if self.text_pair_column else None

@@ -14,6 +14,7 @@ from typing import Any
 import datasets
 import torch
 
+from framework.data.checks import Locate, non_empty, require_columns
 from framework.data.text import TextDataModule
 
 
@@ -57,13 +58,14 @@ class InstructionData(TextDataModule):
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.prompt_template.format(prompt=prompt)
 
+    def check_rows(self, data: datasets.Dataset, where: str, locate: Locate) -> None:
+        require_columns(data, (self.prompt_column, self.response_column), where, "data.prompt_column / data.response_column")
+        non_empty(data, self.prompt_column, "prompt", where, locate)
+        non_empty(data, self.response_column, "response", where, locate)
+
     def encode(self, split: str, data: datasets.Dataset) -> datasets.Dataset:
-        for column in (self.prompt_column, self.response_column):
-            if column not in data.column_names:
-                raise ValueError(
-                    f"data: the {split} split has no column '{column}'; its columns are {data.column_names} "
-                    "(set data.prompt_column / data.response_column)"
-                )
+        require_columns(data, (self.prompt_column, self.response_column), f"data: the {split} split",
+                        "data.prompt_column / data.response_column")
         tok = self.tokenizer
         special = not self._uses_chat_template()  # a chat template already writes BOS
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []

@@ -24,7 +24,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from framework.data.checks import Locate, check_file, locator, same_columns
 from framework.data.sampler import EpochSampler
+from framework.errors import FieldError
 
 from framework.data.packaged import PACKAGED
 
@@ -44,7 +46,7 @@ def grouped_split(
         keys = np.arange(len(data))
     else:
         if group_column not in data.column_names:
-            raise ValueError(f"data.group_column: no column '{group_column}'; columns: {data.column_names}")
+            raise FieldError(f"data.group_column: no column '{group_column}'; columns: {data.column_names}")
         keys = np.asarray(data[group_column])
     groups, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     targets = {name: share * len(data) for name, share in fractions.items() if name != "train"}
@@ -102,8 +104,12 @@ class TextDataModule(LightningDataModule):
         for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"data.{name}: expected a fraction in [0, 1), got {value}")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size: expected >= 1, got {batch_size}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("max_length", max_length)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{name}: expected >= 1, got {value}")
+        for name, value in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{name}: expected >= 1 or null, got {value}")
         self.dataset = dataset
         self.data_files = data_files
         self.group_column = group_column
@@ -128,16 +134,20 @@ class TextDataModule(LightningDataModule):
         if self.raw is not None:
             return self.raw
         if self.data_files is not None:
+            same_columns({split: check_file(path, f"data.data_files.{split}") for split, path in self.data_files.items()},
+                         self.data_files)
             fmt = FILE_FORMATS[Path(next(iter(self.data_files.values()))).suffix]
             kwargs = {"delimiter": "\t"} if fmt == "csv" and any(p.endswith(".tsv") for p in self.data_files.values()) else {}
             source = datasets.load_dataset(fmt, data_files=dict(self.data_files), **kwargs)
+            for split, path in self.data_files.items():
+                self.check_rows(source[split], f"data.data_files.{split}: {path}", locator(path))
         elif self.dataset in PACKAGED:
             source = PACKAGED[self.dataset]()
         else:
             try:
                 source = datasets.load_dataset(self.dataset)
             except Exception as err:
-                raise ValueError(
+                raise FieldError(
                     f"data.dataset: '{self.dataset}' is not a packaged corpus ({', '.join(PACKAGED)}), "
                     f"and datasets could not load it as a folder or hub id: {err}"
                 ) from err
@@ -147,7 +157,7 @@ class TextDataModule(LightningDataModule):
         missing = [s for s in ("validation", "test") if s not in splits]
         if missing:
             if "train" not in splits:
-                raise ValueError(f"data: the source has no train split to cut {missing} from")
+                raise FieldError(f"data: the source has no train split to cut {missing} from")
             fractions = {"validation": self.validation_fraction, "test": self.test_fraction}
             cut = grouped_split(splits["train"], {s: fractions[s] for s in missing}, self.group_column, self.seed)
             splits.update(cut)
@@ -162,6 +172,10 @@ class TextDataModule(LightningDataModule):
         return data
 
     # -- encoding -------------------------------------------------------------------------
+
+    def check_rows(self, data: datasets.Dataset, where: str, locate: Locate) -> None:
+        """Check one loaded data file's columns and rows (``where``: the field and file;
+        ``locate(i)``: row ``i`` as the user finds it). Subclasses check what they read."""
 
     @abstractmethod
     def encode(self, split: str, data: datasets.Dataset) -> datasets.Dataset:

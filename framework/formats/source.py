@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,8 @@ def read_adapter(path: str | Path) -> Adapter:
 
 
 def _read_checkpoint(path: Path) -> Adapter:
+    if not zipfile.is_zipfile(path):
+        raise AdapterError(f"{path}: not a readable checkpoint (not a file torch.save writes)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

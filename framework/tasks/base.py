@@ -25,6 +25,8 @@ class Task(ABC):
     peft_task_type: str = ""
     #: the metric that model selection and summaries lead with
     main_metric: str = ""
+    #: the DataModule class (or a subclass of it) that feeds this task
+    data_class: str = ""
 
     def model_kwargs(self) -> dict[str, Any]:
         """Extra arguments for ``from_pretrained``/``from_config`` (e.g. ``num_labels``)."""

@@ -31,6 +31,7 @@ class CausalLM(Task):
     auto_class = "AutoModelForCausalLM"
     train_head_default = False  # the LM head is usually tied to the input embeddings
     peft_task_type = "CAUSAL_LM"
+    data_class = "InstructionData"
     main_metric = "perplexity"
 
     def __init__(

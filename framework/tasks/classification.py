@@ -26,6 +26,7 @@ class Classification(Task):
     auto_class = "AutoModelForSequenceClassification"
     train_head_default = True
     peft_task_type = "SEQ_CLS"
+    data_class = "ClassificationData"
     main_metric = "accuracy"
 
     def __init__(
