@@ -43,14 +43,14 @@ from framework.errors import (
     essential,
     parser_message,
 )
-from framework.formats.fw import AdapterError, write_fw_adapter
 from framework.finite import NonFiniteTrainingError
+from framework.formats.fw import AdapterError, write_fw_adapter
 from framework.formats.source import Adapter, read_adapter
 from framework.method import ExportNotSupportedError
 from framework.module import PeftModule
 from framework.predictions import PredictionWriter
 from framework.quiet import progress_bars, quiet_libraries, verbose_requested
-from framework.resume import ExactResume
+from framework.resume import ExactResume, last_checkpoint
 from framework.settings import adopted
 from framework.summary import RunSummary
 
@@ -83,27 +83,6 @@ def _wandb_has_credentials() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
-
-
-def last_checkpoint(trainer: Any) -> Path:
-    """``--ckpt_path last``: the ``last.ckpt`` of the newest run under the recipe's logger folder
-    (every run writes a new ``version_N``, so Lightning's own lookup, in the new run's folder,
-    would find nothing and silently start from scratch)."""
-    loggers = trainer.get("logger")
-    roots = []
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        args = getattr(logger, "init_args", None)
-        if args is not None and args.get("save_dir") is not None:
-            roots.append(Path(args.get("save_dir")) / str(args.get("name") or "lightning_logs"))
-    roots.append(Path(trainer.get("default_root_dir") or "."))
-    found = [p for root in roots for p in root.glob("version_*/checkpoints/last.ckpt")]
-    found += [p for root in roots for p in [root / "checkpoints" / "last.ckpt"] if p.is_file()]
-    if not found:
-        raise FieldError(f"--ckpt_path last: no last.ckpt under {', '.join(str(r) for r in roots)}; give the checkpoint's path")
-    def version(path: Path) -> int:
-        match = re.fullmatch(r"version_(\d+)", path.parent.parent.name)
-        return int(match.group(1)) if match else -1
-    return max(found, key=lambda p: (version(p), p.stat().st_mtime))
 
 
 class FwCLI(LightningCLI):
@@ -417,7 +396,10 @@ def user_error(err: BaseException) -> tuple[str, int] | None:
     if isinstance(err, USER_ERRORS):
         return str(err), 2
     if isinstance(err, argparse.ArgumentError):  # jsonargparse, with exit_on_error=False
-        return parser_message(str(err)), 2
+        message = parser_message(str(err))
+        if "subcommand" in message:
+            message = f"{message.rstrip('.')}; fw's own commands: {', '.join(COMMANDS)}"
+        return message, 2
     if isinstance(err, NonFiniteTrainingError):
         return str(err), 1
     if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) refused a crafted checkpoint

@@ -15,6 +15,8 @@ They are restored when training starts again, before the first batch is drawn.
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from framework.data.sampler import EpochSampler
+from framework.errors import FieldError
 
 KEY = "fw_resume"
 
@@ -91,3 +94,25 @@ class ExactResume(Callback):
             loader = trainer.train_dataloader
             sampler.skip(done * loader.batch_size)
         set_random_states(state["random"])
+
+
+def last_checkpoint(trainer: Any) -> Path:
+    """``--ckpt_path last``: the ``last.ckpt`` of the newest run under the recipe's logger folder
+    (every run writes a new ``version_N``, so Lightning's own lookup, in the new run's folder,
+    would find nothing and silently start from scratch)."""
+    loggers = trainer.get("logger")
+    roots = []
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        args = getattr(logger, "init_args", None)
+        if args is not None and args.get("save_dir") is not None:
+            roots.append(Path(args.get("save_dir")) / str(args.get("name") or "lightning_logs"))
+    roots.append(Path(trainer.get("default_root_dir") or "."))
+    found = [p for root in roots for p in root.glob("version_*/checkpoints/last.ckpt")]
+    found += [p for root in roots for p in [root / "checkpoints" / "last.ckpt"] if p.is_file()]
+    if not found:
+        raise FieldError(f"--ckpt_path last: no last.ckpt under {', '.join(str(r) for r in roots)}; give the checkpoint's path")
+
+    def version(path: Path) -> int:
+        match = re.fullmatch(r"version_(\d+)", path.parent.parent.name)
+        return int(match.group(1)) if match else -1
+    return max(found, key=lambda p: (version(p), p.stat().st_mtime))

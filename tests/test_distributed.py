@@ -24,9 +24,14 @@ DDP_METHODS = {
 }
 
 
-def fw_fit(recipe: dict[str, Any], root: Path, *args: str) -> Path:
-    """Run `fw fit` in a subprocess; returns the run's last checkpoint."""
+def fw_fit(recipe: dict[str, Any], root: Path, *args: str, in_process: bool = False) -> Path:
+    """Run `fw fit` (in a subprocess, as distributed runs need); returns the run's last checkpoint."""
     path = write_recipe(root / "recipe.yaml", recipe)
+    if in_process:  # a one-process reference run
+        from framework.cli import main
+
+        assert main(["fit", "--config", path, *args]) == 0
+        return root / "runs" / "r" / "version_0" / "checkpoints" / "last.ckpt"
     fw = str(Path(sys.executable).with_name("fw"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([fw, "fit", "--config", path, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -60,7 +65,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(name, se
     """2 ranks x batch 8 (without shuffling: rank r reads rows r, r+2, ...) against 1 rank x
     batch 16: the same examples per step, averaged gradients, so the same adapter."""
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
-    one = adapter(fw_fit(classification_recipe(tmp_path / "one", sentiment_csv, DDP_METHODS[name], 16), tmp_path / "one"))
+    one = adapter(fw_fit(classification_recipe(tmp_path / "one", sentiment_csv, DDP_METHODS[name], 16), tmp_path / "one",
+                         in_process=True))
     two = adapter(fw_fit(classification_recipe(tmp_path / "two", sentiment_csv, DDP_METHODS[name], 8), tmp_path / "two",
                          "--trainer.strategy", "ddp", "--trainer.devices", "2"))
     assert one.keys() == two.keys() and len(one) > 2
@@ -129,12 +135,14 @@ def test_fsdp_two_processes_train_and_the_adapter_checkpoint_round_trips(name, i
     # one device, fresh backbone + the checkpoint: the sharded run's validation metric, so the
     # frozen weights were unchanged there; and the checkpoint loads back into a sharded run
     fsdp_metric = summary_metric(run / "version_0", "val/token_loss")
-    fw = str(Path(sys.executable).with_name("fw"))
-    for version, args in ((1, ["--trainer.devices", "1", "--trainer.strategy", "auto"]), (2, [])):
-        done = subprocess.run([fw, "validate", "--config", str(tmp_path / "recipe.yaml"), "--ckpt_path", str(ckpt), *args],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-5000:]
+    from framework.cli import main
+
+    validate = ["validate", "--config", str(tmp_path / "recipe.yaml"), "--ckpt_path", str(ckpt)]
+    assert main([*validate, "--trainer.devices", "1", "--trainer.strategy", "auto"]) == 0  # one device: in-process
+    done = subprocess.run([str(Path(sys.executable).with_name("fw")), *validate], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-5000:]
+    for version in (1, 2):
         assert summary_metric(run / f"version_{version}", "val/token_loss") == pytest.approx(fsdp_metric, abs=1e-4)
 
 

@@ -21,7 +21,7 @@ METHODS = {
     "mam": ({}, 3e-4, 60),  # prefix tuning is sensitive: at 1e-3 the held-out loss rises at first
     "unipelt": ({}, 3e-3, 40),
 }
-SLOW = {"lora", "pfeiffer", "parallel_adapter", "mam", "unipelt"}
+SLOW = {"lora", "bitfit", "fisher", "pfeiffer", "parallel_adapter", "mam", "unipelt"}  # the fast suite keeps IA³
 
 
 @pytest.fixture(scope="module")
