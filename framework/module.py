@@ -12,7 +12,6 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 
 from framework.backbone import Backbone
 from framework.config import to_config

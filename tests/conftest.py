@@ -54,12 +54,10 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-@pytest.fixture(scope="session")
-def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """train/validation/test csv files of synthetic sentiment data."""
-    root = tmp_path_factory.mktemp("sentiment")
+def sentiment_files(root: Path, train: int, validation: int, test: int) -> dict[str, str]:
+    """train/validation/test csv files of synthetic sentiment data (rows seeded 0, 1, 2)."""
     files = {}
-    for split, n, seed in (("train", 256, 0), ("validation", 64, 1), ("test", 64, 2)):
+    for seed, (split, n) in enumerate((("train", train), ("validation", validation), ("test", test))):
         path = root / f"{split}.csv"
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["text", "label", "movie"])
@@ -67,6 +65,11 @@ def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             writer.writerows(sentiment_rows(n, seed))
         files[split] = str(path)
     return files
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return sentiment_files(tmp_path_factory.mktemp("sentiment"), 256, 64, 64)
 
 
 @pytest.fixture(scope="session")

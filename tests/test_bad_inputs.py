@@ -7,13 +7,11 @@ checkpoint cases); ``expected`` is a fragment of the one line.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import torch
 from conftest import TINY_BERT, TOKENIZER, write_recipe
 
 from framework.cli import main

@@ -3,12 +3,11 @@ naming the step and the likely causes, the last checkpoint finite, no adapter wr
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BERT, TOKENIZER, sentiment_rows, write_recipe
+from conftest import TINY_BERT, TOKENIZER, sentiment_files, write_recipe
 from test_cli import tiny_recipe
 
 from framework.cli import main
@@ -16,16 +15,7 @@ from framework.cli import main
 
 @pytest.fixture(scope="module")
 def small_csv(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("small")
-    files = {}
-    for split, n in (("train", 64), ("validation", 16), ("test", 16)):
-        path = root / f"{split}.csv"
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["text", "label", "movie"])
-            writer.writeheader()
-            writer.writerows(sentiment_rows(n))
-        files[split] = str(path)
-    return files
+    return sentiment_files(tmp_path_factory.mktemp("small"), 64, 16, 16)
 
 
 OVERFLOWING_FP16 = {"config": {**TINY_BERT, "initializer_range": 1000.0}, "tokenizer": TOKENIZER, "dtype": "float16"}

@@ -3,7 +3,6 @@ after a kill -9) ends with the uninterrupted run's adapter, dropout on, shufflin
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BERT, TOKENIZER, sentiment_rows, write_recipe
+from conftest import TINY_BERT, TOKENIZER, sentiment_files, write_recipe
 
 from framework.cli import main
 
@@ -21,16 +20,7 @@ DROPOUT_BERT = {**TINY_BERT, "hidden_dropout_prob": 0.2, "attention_probs_dropou
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("resume-data")
-    out = {}
-    for split, n in (("train", 48), ("validation", 16), ("test", 16)):
-        path = root / f"{split}.csv"
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["text", "label", "movie"])
-            writer.writeheader()
-            writer.writerows(sentiment_rows(n, seed=len(split)))
-        out[split] = str(path)
-    return out
+    return sentiment_files(tmp_path_factory.mktemp("resume-data"), 48, 16, 16)
 
 
 def recipe(root: Path, files: dict[str, str], *callbacks: dict) -> dict:
