@@ -154,8 +154,7 @@ class FwCLI(LightningCLI):
         if self.subcommand:
             check_trainer(config.trainer, self.subcommand)
             progress_bars(config.trainer.get("enable_progress_bar") is not False)
-        if self.subcommand and "weights_only" in config:
-            if config.weights_only is False:
+            if config.get("weights_only") is False:
                 raise AdapterError(
                     "--weights_only false: fw never unpickles objects from a checkpoint (its own checkpoints are "
                     "plain data); leave weights_only unset"

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from framework.method import ExportNotSupportedError
+from framework.method import ExportNotSupportedError, PeftAdapter
 from framework.targeting import matches
 
 #: fields of every PEFT config that do not change what the adapter computes
@@ -83,3 +83,20 @@ def refuse_unknown_options(config: dict[str, Any], understood: set[str], method:
             f"adapter_config.json: PEFT {peft_type} options {', '.join(sorted(differing))} have no equivalent in "
             f"fw's {method}; fw would compute something else than this adapter"
         )
+
+
+#: the PEFT config fields every virtual-token method writes (geometry, read back from the model)
+VIRTUAL_TOKEN_FIELDS = {"num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"}
+
+
+def virtual_token_adapter(method: Any, model: nn.Module, config: dict[str, Any]) -> PeftAdapter:
+    """A virtual-token method in PEFT's terms: its ``(P, hidden)`` stored tensor as
+    ``prompt_embeddings`` and the backbone's geometry (what ``PeftModel`` fills in itself)."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    table = method.stored_state_dict(model)[method.stored_key]
+    config = {
+        "num_virtual_tokens": table.shape[0], "token_dim": table.shape[1], "num_transformer_submodules": 1,
+        "num_attention_heads": text.num_attention_heads, "num_layers": text.num_hidden_layers, **config,
+    }
+    return PeftAdapter(config, {"prompt_embeddings": table})
+

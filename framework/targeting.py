@@ -117,3 +117,15 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def targets_or_roles(
+    model: nn.Module, targets: Sequence[str] | None, roles: Sequence[str], field: str = "targets"
+) -> list[tuple[str, nn.Module]]:
+    """The modules ``targets`` names, or (``targets`` None) the architecture's modules playing
+    ``roles`` (:mod:`framework.architectures`): how methods pick their defaults."""
+    if targets is not None:
+        return find_modules(model, targets, field=field)
+    from framework.architectures import role_patterns
+
+    return find_modules(model, role_patterns(model, roles, field=field), field=field, require_each=False)

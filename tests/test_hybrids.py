@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import torch
 from conftest import TINY_BERT, TINY_GPT2, TINY_LLAMA, TOKENIZER
-from fw_adapters import ParallelAdapter, SequenceGate, SerialAdapter
+from fw_adapters import ParallelAdapter, SerialAdapter
 from fw_unipelt import GatedLoRALinear
 from test_prompt_methods import SHARP_BERT, _alone_and_padded, _perturb
 from test_training import LossRecorder, trainer
 
 from framework.data import ClassificationData, InstructionData
+from framework.gates import SequenceGate
 from framework.method import MergeNotSupportedError
 
 LORA = {"class_path": "lora", "init_args": {"r": 8}}

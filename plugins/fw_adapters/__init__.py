@@ -1,8 +1,7 @@
 """fw_adapters: bottleneck adapter plugins for fw (entry points ``houlsby``, ``pfeiffer``,
 ``parallel_adapter`` and the general ``adapter``)."""
 
-from fw_adapters.gate import PaddingMask, SequenceGate
 from fw_adapters.layers import Bottleneck, ParallelAdapter, SerialAdapter
 from fw_adapters.method import BottleneckAdapter, Houlsby, Parallel, Pfeiffer
 
-__all__ = ["BottleneckAdapter", "Houlsby", "Pfeiffer", "Parallel", "Bottleneck", "SerialAdapter", "ParallelAdapter", "SequenceGate", "PaddingMask"]
+__all__ = ["BottleneckAdapter", "Houlsby", "Pfeiffer", "Parallel", "Bottleneck", "SerialAdapter", "ParallelAdapter"]

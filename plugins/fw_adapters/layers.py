@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from fw_adapters.gate import SequenceGate
+from framework.gates import SequenceGate
 
 
 class Bottleneck(nn.Module):

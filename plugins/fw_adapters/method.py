@@ -35,12 +35,11 @@ from typing import Literal
 from torch import nn
 
 from framework.architectures import role_patterns
-from framework.backbone import DTYPES
+from framework.gates import SequenceGate
+from framework.layers import WeightDType, linear_dims, weight_dtype
 from framework.method import MergeNotSupportedError, PeftMethod
 from framework.targeting import find_modules, set_submodule
-from fw_adapters.gate import SequenceGate
 from fw_adapters.layers import Bottleneck, ParallelAdapter, SerialAdapter
-from fw_lora.layer import linear_dims
 
 FIELD = "model.method.init_args"
 Placement = Literal["attention", "ffn"]
@@ -82,7 +81,7 @@ class BottleneckAdapter(PeftMethod):
         bottleneck_size: int | None = None,
         non_linearity: str = "relu",
         scaling: float = 1.0,
-        dtype: Literal["float32", "bfloat16", "float16", "base"] = "float32",
+        dtype: WeightDType = "float32",
     ) -> None:
         unknown = sorted(set(placements) - set(OUTPUT_ROLE))
         if not placements or unknown:
@@ -118,7 +117,7 @@ class BottleneckAdapter(PeftMethod):
         for name, out_layer in self._modules(model, OUTPUT_ROLE[placement]):
             d_in_out, d_out, _ = linear_dims(out_layer)
             weight = out_layer.weight
-            dtype = weight.dtype if self.dtype == "base" else DTYPES[self.dtype]
+            dtype = weight_dtype(self.dtype, weight)
             if self.parallel:
                 source = inputs.get(layer_prefix(name))
                 if source is None:
@@ -161,7 +160,7 @@ class Houlsby(BottleneckAdapter):
 
     def __init__(self, reduction_factor: float = 16.0, bottleneck_size: int | None = None,
                  non_linearity: str = "relu", scaling: float = 1.0,
-                 dtype: Literal["float32", "bfloat16", "float16", "base"] = "float32") -> None:
+                 dtype: WeightDType = "float32") -> None:
         super().__init__(["attention", "ffn"], False, reduction_factor, bottleneck_size, non_linearity, scaling, dtype)
 
 
@@ -172,7 +171,7 @@ class Pfeiffer(BottleneckAdapter):
 
     def __init__(self, reduction_factor: float = 16.0, bottleneck_size: int | None = None,
                  non_linearity: str = "relu", scaling: float = 1.0,
-                 dtype: Literal["float32", "bfloat16", "float16", "base"] = "float32") -> None:
+                 dtype: WeightDType = "float32") -> None:
         super().__init__(["ffn"], False, reduction_factor, bottleneck_size, non_linearity, scaling, dtype)
 
 
@@ -183,5 +182,5 @@ class Parallel(BottleneckAdapter):
 
     def __init__(self, placements: list[Placement] = ["ffn"], reduction_factor: float = 16.0,  # noqa: B006
                  bottleneck_size: int | None = None, non_linearity: str = "relu", scaling: float = 4.0,
-                 dtype: Literal["float32", "bfloat16", "float16", "base"] = "float32") -> None:
+                 dtype: WeightDType = "float32") -> None:
         super().__init__(placements, True, reduction_factor, bottleneck_size, non_linearity, scaling, dtype)

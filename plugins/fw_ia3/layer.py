@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fw_lora.layer import linear_dims
+from framework.layers import linear_dims, weight_dtype
 
 
 class IA3Linear(nn.Module):
@@ -25,7 +25,7 @@ class IA3Linear(nn.Module):
         self.scale = scale
         size = out_features if scale == "output" else in_features
         weight = base_layer.weight
-        dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+        dtype = dtype or weight_dtype("base", weight)
         self.ia3_l = nn.Parameter(torch.ones(size, device=weight.device, dtype=dtype))
         self.merged = False
 

@@ -20,16 +20,15 @@ PEFT does.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from framework.architectures import role_patterns
-from framework.backbone import DTYPES
+from framework.layers import WeightDType, weight_dtype
 from framework.method import MergeableLayers, PeftAdapter, PeftMethod
 from framework.peft_compat import fw_targets, peft_targets, refuse_unknown_options, without
-from framework.targeting import find_modules, set_submodule
+from framework.targeting import set_submodule, targets_or_roles
 from fw_ia3.layer import IA3Linear
 
 FIELD = "model.method.init_args"
@@ -53,7 +52,7 @@ class IA3(MergeableLayers, PeftMethod):
         self,
         targets: list[str] | None = None,
         feedforward_targets: list[str] | None = None,
-        dtype: Literal["float32", "bfloat16", "float16", "base"] = "float32",
+        dtype: WeightDType = "float32",
     ) -> None:
         if targets == [] and feedforward_targets == []:
             raise ValueError(f"{FIELD}.targets: both target lists are empty; IA³ would train nothing")
@@ -62,12 +61,9 @@ class IA3(MergeableLayers, PeftMethod):
         self.dtype = dtype
 
     def _find(self, model: nn.Module, given: list[str] | None, roles: list[str], field: str) -> list[tuple[str, nn.Module]]:
-        if given is not None:
-            return find_modules(model, given, field=f"{FIELD}.{field}") if given else []
-        return find_modules(model, role_patterns(model, roles, field=f"{FIELD}.{field}"), field=f"{FIELD}.{field}", require_each=False)
+        return targets_or_roles(model, given, roles, field=f"{FIELD}.{field}") if given != [] else []
 
     def attach(self, model: nn.Module) -> None:
-        dtype = None if self.dtype == "base" else DTYPES[self.dtype]
         scaled_out = self._find(model, self.targets, ["key", "value"], "targets")
         scaled_in = self._find(model, self.feedforward_targets, ["ffn_down"], "feedforward_targets")
         both = {n for n, _ in scaled_out} & {n for n, _ in scaled_in}
@@ -78,7 +74,7 @@ class IA3(MergeableLayers, PeftMethod):
             )
         for scale, found in (("output", scaled_out), ("input", scaled_in)):
             for name, layer in found:
-                wrapped = IA3Linear(layer, scale, dtype)
+                wrapped = IA3Linear(layer, scale, weight_dtype(self.dtype, layer.weight))
                 set_submodule(model, name, wrapped)
                 self.record(name, f"IA³ {scale} scale (+{wrapped.ia3_l.numel():,})")
 

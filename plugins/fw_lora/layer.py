@@ -8,14 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-def linear_dims(layer: nn.Module) -> tuple[int, int, bool]:
-    """(in_features, out_features, fan_in_fan_out) of nn.Linear, bnb linears or GPT-2's Conv1D."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features, False
-    if type(layer).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight is (in, out)
-        return layer.weight.shape[0], layer.weight.shape[1], True
-    raise TypeError(f"LoRA wraps nn.Linear or GPT-2 Conv1D modules, not {type(layer).__name__}")
+from framework.layers import linear_dims, weight_dtype
 
 
 class LoRALinear(nn.Module):
@@ -40,7 +33,7 @@ class LoRALinear(nn.Module):
         self.r = r
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         device = base_layer.weight.device
-        dtype = dtype or (base_layer.weight.dtype if base_layer.weight.is_floating_point() else torch.float32)
+        dtype = dtype or weight_dtype("base", base_layer.weight)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))

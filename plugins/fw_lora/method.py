@@ -21,16 +21,15 @@ Each adapted layer adds r · (in + out) parameters. After training, ``merge()`` 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from framework.architectures import role_patterns
-from framework.backbone import DTYPES
+from framework.layers import WeightDType, weight_dtype
 from framework.method import ExportNotSupportedError, MergeableLayers, PeftAdapter, PeftMethod
 from framework.peft_compat import fw_targets, peft_targets, refuse_unknown_options
-from framework.targeting import find_modules, set_submodule
+from framework.targeting import set_submodule, targets_or_roles
 from fw_lora.layer import LoRALinear
 
 
@@ -60,7 +59,7 @@ class LoRA(MergeableLayers, PeftMethod):
         targets: list[str] | None = None,
         dropout: float = 0.0,
         rslora: bool = False,
-        dtype: Literal["float32", "bfloat16", "float16", "base"] = "float32",
+        dtype: WeightDType = "float32",
     ) -> None:
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"model.method.init_args.r: expected a positive integer rank, got {r!r}")
@@ -76,14 +75,11 @@ class LoRA(MergeableLayers, PeftMethod):
         self.dtype = dtype
 
     def target_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        if self.targets is not None:
-            return find_modules(model, self.targets, field="model.method.init_args.targets")
-        patterns = role_patterns(model, ["query", "value"], field="model.method.init_args.targets")
-        return find_modules(model, patterns, field="model.method.init_args.targets", require_each=False)
+        return targets_or_roles(model, self.targets, ["query", "value"], field="model.method.init_args.targets")
 
     def attach(self, model: nn.Module) -> None:
-        dtype = None if self.dtype == "base" else DTYPES[self.dtype]
         for name, layer in self.target_modules(model):
+            dtype = weight_dtype(self.dtype, layer.weight)
             wrapped = self.layer_type(layer, self.r, self.alpha, self.dropout, self.rslora, dtype)
             set_submodule(model, name, wrapped)
             added = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from fw_prefix.encoder import PrefixEncoder
 from fw_prefix.shapes import check_supported, kv_shape
-from fw_prompt.inputs import (
+from framework.virtual_inputs import (
     cache_keyword,
     check_length,
     extend_positions,

@@ -33,8 +33,7 @@ import torch
 from torch import nn
 
 from framework.method import PeftAdapter, PeftMethod, check_state_dict, copy_parameters
-from framework.peft_compat import refuse_unknown_options
-from fw_prompt.method import VIRTUAL_TOKEN_FIELDS, virtual_token_adapter
+from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
 from fw_prefix.encoder import PrefixEncoder
 from fw_prefix.inject import MODULE_NAME, add_prefix
 

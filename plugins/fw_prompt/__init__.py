@@ -2,8 +2,8 @@
 
 Also home of the input transformation that P-tuning (``fw_ptuning``) reuses:
 :class:`VirtualTokenInjector` prepends any module's ``(P, hidden)`` output to a model's
-input embeddings, and :mod:`fw_prompt.inputs` holds the forward-argument helpers shared with
-prefix tuning (``fw_prefix``).
+input embeddings (the forward-argument helpers it shares with prefix tuning are
+:mod:`framework.virtual_inputs`).
 """
 
 from fw_prompt.embedding import PromptEmbedding

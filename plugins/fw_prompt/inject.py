@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fw_prompt.inputs import (
+from framework.virtual_inputs import (
     cache_keyword,
     check_length,
     extend_positions,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from framework.method import PeftAdapter, PeftMethod
-from framework.peft_compat import refuse_unknown_options
+from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
 from fw_prompt.embedding import PromptEmbedding
 from fw_prompt.inject import MODULE_NAME, add_virtual_tokens
 
@@ -103,22 +103,6 @@ class PromptTuning(PeftMethod):
 
     def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.stored_key if key == "prompt_embeddings" else key: value for key, value in weights.items()}
-
-
-#: the PEFT config fields every virtual-token method writes (geometry, read back from the model)
-VIRTUAL_TOKEN_FIELDS = {"num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"}
-
-
-def virtual_token_adapter(method: Any, model: nn.Module, config: dict[str, Any]) -> PeftAdapter:
-    """A virtual-token method in PEFT's terms: its ``(P, hidden)`` stored tensor as
-    ``prompt_embeddings`` and the backbone's geometry (what ``PeftModel`` fills in itself)."""
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    table = method.stored_state_dict(model)[method.stored_key]
-    config = {
-        "num_virtual_tokens": table.shape[0], "token_dim": table.shape[1], "num_transformer_submodules": 1,
-        "num_attention_heads": text.num_attention_heads, "num_layers": text.num_hidden_layers, **config,
-    }
-    return PeftAdapter(config, {"prompt_embeddings": table})
 
 
 __all__ = ["PromptTuning"]

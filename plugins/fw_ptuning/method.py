@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from framework.method import PeftAdapter, PeftMethod, check_state_dict, copy_parameters
-from framework.peft_compat import refuse_unknown_options
+from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
 from fw_prompt import MODULE_NAME, add_virtual_tokens
-from fw_prompt.method import VIRTUAL_TOKEN_FIELDS, virtual_token_adapter
 from fw_ptuning.encoder import PromptEncoder
 
 FIELD = "model.method.init_args"

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from framework.architectures import role_patterns
+from framework.gates import SequenceGate
+from framework.layers import linear_dims
 from framework.method import MergeNotSupportedError
-from framework.targeting import find_modules
-from fw_adapters import Pfeiffer, SequenceGate
+from framework.targeting import targets_or_roles
+from fw_adapters import Pfeiffer
 from fw_lora import LoRA
-from fw_lora.layer import LoRALinear, linear_dims
+from fw_lora.layer import LoRALinear
 from fw_prefix import PrefixInjector, PrefixTuning
 
 #: where the prefix gates live in the model (parameters ``prefix_gates.<layer>.proj.*``)
@@ -71,7 +72,7 @@ class GatedPrefixTuning(PrefixTuning):
         super().attach(model)
         encoder = self.prefix_encoder(model)
         field = "model.method (UniPELT prefix gate)"
-        queries = find_modules(model, role_patterns(model, ["query"], field=field), field=field, require_each=False)
+        queries = targets_or_roles(model, None, ["query"], field=field)
         if len(queries) != encoder.shape.num_layers:
             raise ValueError(
                 f"{field}: found {len(queries)} query projections for {encoder.shape.num_layers} layers; "

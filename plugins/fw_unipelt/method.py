@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fw_adapters import PaddingMask, SequenceGate
+from framework.gates import PaddingMask, SequenceGate
 from fw_compose import Compose
 from fw_unipelt.gated import PREFIX_GATES, GatedLoRA, GatedPfeiffer, GatedPrefixTuning
 

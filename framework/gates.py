@@ -1,4 +1,7 @@
-"""UniPELT's input-dependent gate, and where it learns which tokens are padding.
+"""Input-dependent gates on a method's contribution, and where they learn which tokens are padding.
+
+UniPELT's gate; it lives in the core because the gated parts belong to several plugins
+(fw_adapters' ``attach_at(gate=True)``, fw_unipelt's gated LoRA and prefix).
 
 Mao et al. 2022 switch each sub-module by ``gate = mean over the sequence of
 sigmoid(Linear(x))``, one gate per example, with ``x`` the sub-module's input. The mean

@@ -1,4 +1,5 @@
-"""Forward-argument helpers shared by the virtual-token methods (prompt tuning, P-tuning, prefix).
+"""Forward-argument helpers shared by the virtual-token methods (prompt tuning, P-tuning, prefix
+tuning, in the fw_prompt and fw_prefix plugins).
 
 These methods change what a transformers model is *called with*, not its layers. They do it
 in a forward pre-hook on the top-level model, which sees exactly what the caller passes: a

@@ -1,0 +1,31 @@
+"""What several method plugins need to know about the layers they wrap: a Linear-like module's
+dimensions, and the dtype a plugin's own weights take."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from framework.backbone import DTYPES
+
+#: the dtype of a plugin's own weights: a fixed one, or ``base`` (the wrapped weight's dtype)
+WeightDType = Literal["float32", "bfloat16", "float16", "base"]
+
+
+def weight_dtype(name: str, base_weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``name`` stands for next to ``base_weight`` (``base``: its dtype, float32 if it
+    is not floating point, e.g. 4-bit codes)."""
+    if name != "base":
+        return DTYPES[name]
+    return base_weight.dtype if base_weight.is_floating_point() else torch.float32
+
+
+def linear_dims(layer: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of nn.Linear, bnb linears or GPT-2's Conv1D."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features, False
+    if type(layer).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight is (in, out)
+        return layer.weight.shape[0], layer.weight.shape[1], True
+    raise TypeError(f"expected an nn.Linear or GPT-2 Conv1D module, got a {type(layer).__name__}")
