@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from framework.validation import InvalidArgument
+
 _BERT = {
     "query": ["attention.self.query"],
     "key": ["attention.self.key"],
@@ -106,14 +108,14 @@ def model_type(model: nn.Module) -> str:
 def role_patterns(model: nn.Module, roles: Sequence[str], field: str = "targets") -> list[str]:
     """Name patterns for ``roles`` on this backbone's architecture.
 
-    Raises a ``ValueError`` naming ``field`` when the architecture is not in the table, so the
+    Raises an :class:`InvalidArgument` naming ``field`` (the method's argument) when the architecture is not in the table, so the
     user knows to list module names explicitly.
     """
     mtype = model_type(model)
     table = ROLES.get(mtype)
     if table is None:
-        raise ValueError(
-            f"{field}: fw has no default targets for model_type '{mtype or type(model).__name__}'. "
+        raise InvalidArgument(
+            field, f"fw has no default targets for model_type '{mtype or type(model).__name__}'. "
             f"Name the modules in the recipe (e.g. {field}: [q_proj, v_proj]); known architectures: "
             f"{', '.join(sorted(ROLES))}"
         )

@@ -45,7 +45,7 @@ from framework.errors import (
 )
 from framework.finite import NonFiniteTrainingError
 from framework.formats.fw import AdapterError, write_fw_adapter
-from framework.formats.source import Adapter, read_adapter
+from framework.formats.source import Adapter, method_class, read_adapter
 from framework.method import ExportNotSupportedError
 from framework.module import PeftModule
 from framework.predictions import PredictionWriter
@@ -53,6 +53,7 @@ from framework.quiet import progress_bars, quiet_libraries, verbose_requested
 from framework.resume import ExactResume, last_checkpoint
 from framework.settings import adopted
 from framework.summary import RunSummary
+from framework.validation import InvalidArgument, find_cause
 
 
 _YAML_LOADER = get_loader("yaml")
@@ -184,7 +185,8 @@ class FwCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except RECIPE_ERRORS as err:
-            raise RecipeError(essential(str(err))) from err
+            method = self.config[self.subcommand].model.get("method") if self.subcommand else None
+            raise RecipeError(construction_error(err, method)) from err
         if self._adapter is not None:
             self._adapter.load_into(self.model)
 
@@ -283,9 +285,45 @@ def build_module(model_config: dict[str, Any], overrides: list[str] | None = Non
     set_loader("yaml", _yaml_with_method_names)
     parser = LightningArgumentParser(exit_on_error=False)
     parser.add_class_arguments(PeftModule, "model")
-    args = ["--model", json.dumps(registry.resolve_names(model_config)), *registry.resolve_cli_names(overrides or [])]
+    model_config = registry.resolve_names(model_config)
+    args = ["--model", json.dumps(model_config), *registry.resolve_cli_names(overrides or [])]
     config = parser.parse_args(args)
-    return parser.instantiate_classes(config).model
+    try:
+        return parser.instantiate_classes(config).model
+    except RECIPE_ERRORS as err:
+        raise RecipeError(construction_error(err, model_config.get("method"))) from err
+
+
+def construction_error(err: BaseException, method_config: Any) -> str:
+    """One line for an error building the recipe's components; a method's own argument is
+    named by its place in the recipe, inside ``compose`` too."""
+    cause = find_cause(err)
+    if cause is None or cause.argument.startswith("model."):
+        return essential(str(err))
+    plain = method_config.as_dict() if hasattr(method_config, "as_dict") else method_config
+    return str(cause.under(failing_part(plain, "model.method")))
+
+
+def failing_part(config: Any, path: str) -> str:
+    """The recipe path of the innermost composed part whose construction fails (``path`` when
+    ``config`` has no parts or none fails alone)."""
+    parts = (config.get("init_args") or {}).get("methods") if isinstance(config, dict) else None
+    for i, part in enumerate(parts if isinstance(parts, list) else []):
+        try:
+            build_method(part)
+        except InvalidArgument:
+            return failing_part(part, f"{path}.init_args.methods[{i}]")
+        except Exception:  # noqa: BLE001 - another kind of failure: not this part's argument
+            continue
+    return path
+
+
+def build_method(config: dict[str, Any]) -> Any:
+    """A method from its recipe config alone (composed parts built first)."""
+    args = dict(config.get("init_args") or {})
+    if isinstance(args.get("methods"), list):
+        args["methods"] = [build_method(part) for part in args["methods"]]
+    return method_class(config)(**args)
 
 
 def instantiate_data(data_config: dict[str, Any]) -> LightningDataModule:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 
-class RecipeError(Exception):
+class RecipeError(ValueError):
     """A recipe that cannot be built: reported as one line naming the field, before training."""
 
 

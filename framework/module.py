@@ -23,6 +23,7 @@ from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
 from framework.optim import OptimizerName, build_optimizer
 from framework.settings import differences
+from framework.validation import method_errors
 from framework.sharding import full_tensor, is_sharded, shard_like, shard_model
 from framework.targeting import head_module_names
 from framework.tasks import Classification, Task
@@ -111,7 +112,8 @@ class PeftModule(LightningModule):
         self.base_state_keys = set(self.model.state_dict())  # the architecture's own (a merged model has these)
         if method is not None:
             self.model.requires_grad_(False)
-            method.attach(self.model)
+            with method_errors():
+                method.attach(self.model)
         for name in self.head_names:
             if method is not None or not self.train_head:
                 self.model.get_submodule(name).requires_grad_(self.train_head)
@@ -176,9 +178,10 @@ class PeftModule(LightningModule):
             )
         if stage == "fit" and self.method is not None:
             try:
-                self.method.prepare(self, datamodule)
+                with method_errors(FieldError):
+                    self.method.prepare(self, datamodule)
             except ValueError as err:  # a plugin's refusal of the recipe (its strategy, its data)
-                raise FieldError(str(err)) from err
+                raise err if isinstance(err, FieldError) else FieldError(str(err)) from err
 
     def configure_model(self) -> None:
         """Under :class:`framework.strategies.FSDP` (a device mesh is set): shard every
@@ -201,7 +204,8 @@ class PeftModule(LightningModule):
                 logger.log_hyperparams(counts)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        loss, _ = self.task.step(self.model, batch)
+        with method_errors(FieldError):
+            loss, _ = self.task.step(self.model, batch)
         if self._nonfinite("loss", loss.detach()):
             return None  # Lightning skips backward and the optimizer step
         self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
@@ -234,7 +238,8 @@ class PeftModule(LightningModule):
         return True
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        loss, outputs = self.task.step(self.model, batch)
+        with method_errors(FieldError):
+            loss, outputs = self.task.step(self.model, batch)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         self.task.update_metrics(metrics, batch, outputs)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=self._batch_size(batch), sync_dist=True)
@@ -258,7 +263,8 @@ class PeftModule(LightningModule):
         self._log_metrics("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        records = self.task.predict(self.model, batch, self.tokenizer)
+        with method_errors(FieldError):
+            records = self.task.predict(self.model, batch, self.tokenizer)
         if "text" in batch:
             for record, text in zip(records, batch["text"]):
                 record["text"] = text

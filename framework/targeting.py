@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+from framework.validation import InvalidArgument
+
 ALL_LINEAR = "all-linear"
 
 #: Names transformers gives task heads; they stay out of method targets and train as a head.
@@ -76,14 +78,15 @@ def find_modules(
 
     Task heads are always excluded, as is anything under ``exclude``. Every pattern must
     match at least one module (with ``require_each=False``: the patterns together must match
-    one, as for per-architecture defaults that list alternatives); otherwise a
-    ``ValueError`` names ``field``, the pattern and the candidates that exist.
+    one, as for per-architecture defaults that list alternatives); otherwise an
+    :class:`InvalidArgument` names ``field`` (the method's argument), the pattern and the
+    candidates that exist.
     """
     types = types or linear_types()
     if isinstance(patterns, str):
         patterns = [patterns]
     if not patterns:
-        raise ValueError(f"{field}: the list of target patterns is empty; name at least one module")
+        raise InvalidArgument(field, "the list of target patterns is empty; name at least one module")
     skip = [*head_module_names(model), *exclude]
     candidates = [
         (name, module)
@@ -92,11 +95,11 @@ def find_modules(
     ]
     chosen: dict[str, nn.Module] = {}
 
-    def no_match(what: str) -> ValueError:
+    def no_match(what: str) -> InvalidArgument:
         kinds = "/".join(t.__name__ for t in types)
         available = fold_indices(n for n, _ in candidates)
-        return ValueError(
-            f"{field}: {what} matches no {kinds} module of {type(model).__name__}. "
+        return InvalidArgument(
+            field, f"{what} matches no {kinds} module of {type(model).__name__}. "
             f"Modules that exist: {', '.join(available) or '(none)'}"
         )
 

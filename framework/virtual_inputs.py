@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from framework.validation import InvalidArgument
+
 
 @cache
 def _positional_names(cls: type) -> tuple[str, ...]:
@@ -100,10 +102,11 @@ def position_limit(model: nn.Module) -> int | None:
     return limit if any(t.num_embeddings == limit for t in tables) else None
 
 
-def check_length(limit: int | None, added: int, length: int, field: str) -> None:
+def check_length(limit: int | None, added: int, length: int, argument: str) -> None:
+    """The virtual positions (the method's ``argument``) and the input fit the position table."""
     if limit is not None and added + length > limit:
-        raise ValueError(
-            f"{field}: {added} virtual positions + {length} input tokens exceed the backbone's "
+        raise InvalidArgument(
+            argument, f"{added} virtual positions + {length} input tokens exceed the backbone's "
             f"{limit} positions; lower data.max_length to {limit - added} or fewer, or use fewer virtual tokens"
         )
 

@@ -101,6 +101,12 @@ CASES: dict[str, tuple[list[Callable[[dict, Path], None]], str]] = {
                              "fraction: expected a share in (0, 1], got 0"),
     "qlora-unknown-quant-type": ([setting("model.method", {"class_path": "qlora", "init_args": {"quant_type": "int3"}})],
                                  "quant_type"),
+    "compose-part-argument": ([setting("model.method", {"class_path": "compose", "init_args": {"methods": [
+        {"class_path": "ia3"}, {"class_path": "lora", "init_args": {"r": 0}}]}})],
+        "model.method.init_args.methods[1].init_args.r: expected a positive integer rank, got 0"),
+    "compose-part-target": ([setting("model.method", {"class_path": "compose", "init_args": {"methods": [
+        {"class_path": "ia3"}, {"class_path": "lora", "init_args": {"targets": ["nope"]}}]}})],
+        "model.method.init_args.methods[1].init_args.targets: pattern 'nope' matches no"),
     "compose-no-methods": ([setting("model.method", {"class_path": "compose", "init_args": {"methods": []}})],
                            "expected at least one method"),
     # -- the model's own fields ---------------------------------------------------------------

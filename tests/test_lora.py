@@ -110,9 +110,10 @@ def test_bf16_base_with_fp32_adapters_runs(build):
     assert layer.lora_B.grad is not None and layer.lora_B.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("bad,field", [({"r": 0}, "init_args.r"), ({"r": -2}, "init_args.r"), ({"alpha": 0}, "init_args.alpha"), ({"dropout": 1.5}, "init_args.dropout")])
-def test_bad_hyper_parameters_name_the_field(bad, field):
+@pytest.mark.parametrize("bad,field", [({"r": 0}, "r"), ({"r": -2}, "r"), ({"alpha": 0}, "alpha"), ({"dropout": 1.5}, "dropout")])
+def test_bad_hyper_parameters_name_their_own_argument(bad, field):
+    """A plugin names its own argument; the recipe path is the core's to add (test_cli)."""
     from fw_lora import LoRA
 
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
         LoRA(**bad)

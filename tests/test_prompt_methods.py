@@ -325,19 +325,19 @@ def test_cannot_merge(build, key):
 @pytest.mark.parametrize(
     "cls,bad,field",
     [
-        ("fw_prompt:PromptTuning", {"num_virtual_tokens": 0}, "init_args.num_virtual_tokens"),
-        ("fw_prompt:PromptTuning", {"init": "text"}, "init_args.init_text"),
-        ("fw_ptuning:PTuning", {"encoder": "gru"}, "init_args.encoder"),
-        ("fw_ptuning:PTuning", {"encoder_hidden_size": -1}, "init_args.encoder_hidden_size"),
-        ("fw_prefix:PrefixTuning", {"prefix_length": 0}, "init_args.prefix_length"),
-        ("fw_prefix:PrefixTuning", {"bottleneck": 0}, "init_args.bottleneck"),
+        ("fw_prompt:PromptTuning", {"num_virtual_tokens": 0}, "num_virtual_tokens"),
+        ("fw_prompt:PromptTuning", {"init": "text"}, "init_text"),
+        ("fw_ptuning:PTuning", {"encoder": "gru"}, "encoder"),
+        ("fw_ptuning:PTuning", {"encoder_hidden_size": -1}, "encoder_hidden_size"),
+        ("fw_prefix:PrefixTuning", {"prefix_length": 0}, "prefix_length"),
+        ("fw_prefix:PrefixTuning", {"bottleneck": 0}, "bottleneck"),
     ],
 )
 def test_bad_hyper_parameters_name_the_field(cls, bad, field):
     import importlib
 
     module_name, _, name = cls.partition(":")
-    with pytest.raises(ValueError, match=f"model.method.{field}"):
+    with pytest.raises(ValueError, match=f"^{field}: "):  # the plugin's own argument; the core adds the path
         getattr(importlib.import_module(module_name), name)(**bad)
 
 

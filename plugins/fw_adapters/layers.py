@@ -7,6 +7,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from framework.gates import SequenceGate
+from framework.validation import InvalidArgument
 
 
 class Bottleneck(nn.Module):
@@ -18,8 +19,8 @@ class Bottleneck(nn.Module):
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if non_linearity not in ACT2FN:
-            raise ValueError(
-                f"model.method.init_args.non_linearity: unknown '{non_linearity}'; choose one of "
+            raise InvalidArgument(
+                "non_linearity", f"unknown '{non_linearity}'; choose one of "
                 f"{', '.join(sorted(k for k in ACT2FN if k.isidentifier()))}"
             )
         self.down = nn.Linear(d_in, bottleneck, device=device, dtype=dtype)

@@ -34,14 +34,13 @@ from typing import Literal
 
 from torch import nn
 
-from framework.architectures import role_patterns
 from framework.gates import SequenceGate
 from framework.layers import WeightDType, linear_dims, weight_dtype
 from framework.method import MergeNotSupportedError, PeftMethod
-from framework.targeting import find_modules, set_submodule
+from framework.targeting import set_submodule, targets_or_roles
+from framework.validation import InvalidArgument, optional_positive_int, positive
 from fw_adapters.layers import Bottleneck, ParallelAdapter, SerialAdapter
 
-FIELD = "model.method.init_args"
 Placement = Literal["attention", "ffn"]
 #: where each placement reads its input (parallel) and where it adds its output
 INPUT_ROLE = {"attention": "query", "ffn": "ffn_up"}
@@ -85,11 +84,9 @@ class BottleneckAdapter(PeftMethod):
     ) -> None:
         unknown = sorted(set(placements) - set(OUTPUT_ROLE))
         if not placements or unknown:
-            raise ValueError(f"{FIELD}.placements: expected a non-empty subset of {list(OUTPUT_ROLE)}, got {placements}")
-        if reduction_factor <= 0:
-            raise ValueError(f"{FIELD}.reduction_factor: expected > 0, got {reduction_factor}")
-        if bottleneck_size is not None and bottleneck_size < 1:
-            raise ValueError(f"{FIELD}.bottleneck_size: expected >= 1, got {bottleneck_size}")
+            raise InvalidArgument("placements", f"expected a non-empty subset of {list(OUTPUT_ROLE)}, got {placements}")
+        positive(reduction_factor, "reduction_factor")
+        optional_positive_int(bottleneck_size, "bottleneck_size")
         self.placements = list(placements)
         self.parallel = parallel
         self.reduction_factor = reduction_factor
@@ -99,8 +96,7 @@ class BottleneckAdapter(PeftMethod):
         self.dtype = dtype
 
     def _modules(self, model: nn.Module, role: str) -> list[tuple[str, nn.Module]]:
-        patterns = role_patterns(model, [role], field=f"{FIELD}.placements")
-        return find_modules(model, patterns, field=f"{FIELD}.placements", require_each=False)
+        return targets_or_roles(model, None, [role], field="placements")
 
     def attach(self, model: nn.Module) -> None:
         for placement in self.placements:
@@ -121,8 +117,8 @@ class BottleneckAdapter(PeftMethod):
             if self.parallel:
                 source = inputs.get(layer_prefix(name))
                 if source is None:
-                    raise ValueError(
-                        f"{FIELD}.placements: found no {INPUT_ROLE[placement]} module in the block of "
+                    raise InvalidArgument(
+                        "placements", f"found no {INPUT_ROLE[placement]} module in the block of "
                         f"'{name}' to read the parallel adapter's input from"
                     )
                 d_in = linear_dims(source)[0]

@@ -26,8 +26,7 @@ from torch import nn
 from framework.method import ExportNotSupportedError, PeftAdapter, PeftMethod
 from framework.peft_compat import fw_targets, peft_targets, refuse_unknown_options
 from framework.targeting import fold_indices, head_module_names, matches
-
-FIELD = "model.method.init_args.targets"
+from framework.validation import InvalidArgument
 
 
 def _under(name: str, prefixes: list[str]) -> bool:
@@ -48,7 +47,7 @@ class BitFit(PeftMethod):
 
     def __init__(self, targets: list[str] | None = None) -> None:
         if targets == []:
-            raise ValueError(f"{FIELD}: the list is empty; give module name patterns or null for every bias")
+            raise InvalidArgument("targets", "the list is empty; give module name patterns or null for every bias")
         self.targets = targets
 
     def biases(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -60,8 +59,8 @@ class BitFit(PeftMethod):
             if isinstance(getattr(module, "bias", None), nn.Parameter) and not _under(name, heads)
         ]
         if not found:
-            raise ValueError(
-                f"BitFit: {type(model).__name__} has no bias parameters outside its task head "
+            raise InvalidArgument(
+                "", f"BitFit: {type(model).__name__} has no bias parameters outside its task head "
                 "(Llama-family models use none), so BitFit would train nothing. Choose another "
                 "method (e.g. lora or ia3) for this backbone."
             )
@@ -71,8 +70,8 @@ class BitFit(PeftMethod):
         for pattern in self.targets:
             hits = [(n, b) for n, b in found if matches(n, pattern)]
             if not hits:
-                raise ValueError(
-                    f"{FIELD}: pattern '{pattern}' matches no module with a bias. Modules with biases: "
+                raise InvalidArgument(
+                    "targets", f"pattern '{pattern}' matches no module with a bias. Modules with biases: "
                     f"{', '.join(fold_indices(n for n, _ in found))}"
                 )
             chosen += [hit for hit in hits if hit not in chosen]
@@ -94,7 +93,7 @@ class BitFit(PeftMethod):
         if others:
             raise ExportNotSupportedError(
                 f"BitFit trains biases of modules PEFT's BEFT cannot hold ({', '.join(fold_indices(others)[:4])}: "
-                "BEFT adapts nn.Linear biases only); restrict model.method.init_args.targets to Linear layers "
+                "BEFT adapts nn.Linear biases only); restrict its targets to Linear layers "
                 "to export to PEFT"
             )
         stored = self.stored_state_dict(model)

@@ -43,13 +43,12 @@ from framework.method import (
     check_state_dict,
     copy_parameters,
 )
+from framework.validation import InvalidArgument
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning.pytorch import LightningDataModule
 
     from framework.module import PeftModule
-
-FIELD = "model.method.init_args.methods"
 
 
 def _uses_plain_checkpoints(method: PeftMethod) -> bool:
@@ -64,26 +63,36 @@ class Compose(PeftMethod):
     """Several methods attached in order to one backbone; they must touch different modules.
 
     Args:
-        methods: the methods, each as in ``model.method`` (``class_path`` + ``init_args``).
+        methods: the methods, each as a recipe's method (``class_path`` + ``init_args``).
     """
 
     description = "Compose: several methods on one backbone (they must modify different modules)"
 
     def __init__(self, methods: list[PeftMethod]) -> None:
         if not methods:
-            raise ValueError(f"{FIELD}: expected at least one method")
+            raise InvalidArgument("methods", "expected at least one method")
         for i, method in enumerate(methods):
             if not isinstance(method, PeftMethod):
-                raise TypeError(f"{FIELD}[{i}]: expected a PeftMethod, got {type(method).__name__}")
+                raise InvalidArgument(f"methods[{i}]", f"expected a PeftMethod, got {type(method).__name__}")
             if not _uses_plain_checkpoints(method):
-                raise ValueError(
-                    f"{FIELD}[{i}]: {type(method).__name__} writes its own checkpoint format, so it cannot be "
+                raise InvalidArgument(
+                    f"methods[{i}]", f"{type(method).__name__} writes its own checkpoint format, so it cannot be "
                     "composed; train it on its own"
                 )
         self.methods = list(methods)
 
     def _label(self, i: int) -> str:
         return f"methods[{i}] ({type(self.methods[i]).__name__})"
+
+    def _after(self, i: int, err: InvalidArgument) -> InvalidArgument:
+        """Part ``i``'s error; after other parts attached, with the likely reason."""
+        if not i:
+            return err
+        earlier = ", ".join(self._label(j) for j in range(i))
+        return InvalidArgument(
+            err.argument, f"{err.reason} ({self._label(i)} attached after {earlier}, which may have wrapped or "
+            "taken its targets: composed methods must modify different modules)"
+        )
 
     # -- attaching ------------------------------------------------------------------------
 
@@ -94,19 +103,15 @@ class Compose(PeftMethod):
             before = {id(p) for p in model.parameters() if p.requires_grad}
             try:
                 method.attach(model)
+            except InvalidArgument as e:  # the part's own argument, seen from here
+                raise self._after(i, e.under(f"methods[{i}]")) from e
             except Exception as e:
-                if not i:
-                    raise
-                earlier = ", ".join(self._label(j) for j in range(i))
-                raise type(e)(
-                    f"{self._label(i)} failed to attach after {earlier}, which may have wrapped or taken its "
-                    f"targets (composed methods must modify different modules): {e}"
-                ) from e
+                raise self._after(i, InvalidArgument(f"methods[{i}]", str(e))) from e
             owned.append({id(p) for p in model.parameters() if p.requires_grad} - before)
             for name in method.modified_modules:
                 if name in claimed:
-                    raise ValueError(
-                        f"{FIELD}: {self._label(i)} modifies '{name or type(model).__name__}', which "
+                    raise InvalidArgument(
+                        "methods", f"{self._label(i)} modifies '{name or type(model).__name__}', which "
                         f"{self._label(claimed[name])} already modified; composed methods must touch "
                         "different modules (change one's targets or placements)"
                     )

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from framework.method import MergeNotSupportedError, PeftMethod
 from framework.targeting import head_module_names
+from framework.validation import positive_int, share
 from fw_fisher.fisher import empirical_fisher, top_k_indices
 from fw_fisher.mask import add_sparse_update, remove_sparse_update, sparse_updates
 
@@ -46,7 +47,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from framework.module import PeftModule
 
-FIELD = "model.method.init_args"
 INDICES = ".fisher_indices"
 
 
@@ -75,10 +75,8 @@ class FisherMask(PeftMethod):
     description = "FISH: train a fixed sparse mask of the top-k entries by empirical Fisher information"
 
     def __init__(self, fraction: float = 0.005, num_samples: int = 1024, per_example: bool = True) -> None:
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"{FIELD}.fraction: expected a share in (0, 1], got {fraction}")
-        if num_samples < 1:
-            raise ValueError(f"{FIELD}.num_samples: expected >= 1, got {num_samples}")
+        share(fraction, "fraction")
+        positive_int(num_samples, "num_samples")
         self.fraction = fraction
         self.num_samples = num_samples
         self.per_example = per_example

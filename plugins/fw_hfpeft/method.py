@@ -16,8 +16,6 @@ from torch import nn
 from framework.architectures import role_patterns
 from framework.method import PeftMethod
 
-FIELD = "model.method.init_args"
-
 
 def _tuner_layers(model: nn.Module) -> list[tuple[str, Any]]:
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -51,7 +49,7 @@ class _Injected(PeftMethod):
 
 
 def _suffixes(model: nn.Module, roles: list[str]) -> list[str]:
-    return role_patterns(model, roles, field=f"{FIELD}.targets")
+    return role_patterns(model, roles, field="targets")
 
 
 def peft_pattern(patterns: list[str]) -> list[str] | str:

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from framework.method import PeftMethod, check_state_dict, copy_parameters
+from framework.validation import InvalidArgument, one_of
 
-FIELD = "model.method.init_args"
 #: where PEFT's prompt encoder is registered in the backbone
 MODULE_NAME = "peft_prompt_encoder"
 #: PEFT's saved prompt in the stored state dict
@@ -64,12 +64,12 @@ class _PromptLearning(PeftMethod):
         except ImportError as e:
             raise ImportError(f"{type(self).__name__} needs Hugging Face PEFT: pip install peft") from e
         if not type(model).__name__.endswith("ForSequenceClassification"):
-            raise ValueError(
-                f"model.method: {type(self).__name__} is a benchmark reference for sequence classification; "
+            raise InvalidArgument(
+                "", f"{type(self).__name__} is a benchmark reference for sequence classification; "
                 f"got a {type(model).__name__}. Use fw's own method (prompt, ptuning, prefix) for other tasks"
             )
         if hasattr(model, MODULE_NAME):
-            raise ValueError(f"model.method: the model already has a '{MODULE_NAME}'; attach one PEFT prompt method only")
+            raise InvalidArgument("", f"the model already has a '{MODULE_NAME}'; attach one PEFT prompt method only")
         peft_model = PeftModelForFeatureExtraction(model, self.peft_config(model))
         model.add_module(MODULE_NAME, peft_model.prompt_encoder)
         model.forward = _ThroughPeft(peft_model, model.forward)
@@ -127,8 +127,7 @@ class PeftPromptTuning(_PromptLearning):
     description = "Hugging Face PEFT's prompt tuning, run by PeftModel (benchmark reference)"
 
     def __init__(self, num_virtual_tokens: int = 20, init: str = "vocab") -> None:
-        if init not in ("vocab", "random"):
-            raise ValueError(f"{FIELD}.init: expected vocab or random, got {init!r}")
+        one_of(init, ("vocab", "random"), "init")
         self.num_virtual_tokens, self.init = num_virtual_tokens, init
 
     def peft_config(self, model: nn.Module) -> Any:
@@ -152,8 +151,7 @@ class PeftPTuning(_PromptLearning):
     description = "Hugging Face PEFT's P-tuning, run by PeftModel (benchmark reference)"
 
     def __init__(self, num_virtual_tokens: int = 20, encoder: str = "mlp", encoder_hidden_size: int | None = None) -> None:
-        if encoder not in ("mlp", "lstm"):
-            raise ValueError(f"{FIELD}.encoder: expected mlp or lstm, got {encoder!r}")
+        one_of(encoder, ("mlp", "lstm"), "encoder")
         self.num_virtual_tokens, self.encoder, self.encoder_hidden_size = num_virtual_tokens, encoder, encoder_hidden_size
 
     def peft_config(self, model: nn.Module) -> Any:

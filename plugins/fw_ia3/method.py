@@ -29,9 +29,8 @@ from framework.layers import WeightDType, weight_dtype
 from framework.method import MergeableLayers, PeftAdapter, PeftMethod
 from framework.peft_compat import fw_targets, peft_targets, refuse_unknown_options, without
 from framework.targeting import set_submodule, targets_or_roles
+from framework.validation import InvalidArgument
 from fw_ia3.layer import IA3Linear
-
-FIELD = "model.method.init_args"
 
 
 class IA3(MergeableLayers, PeftMethod):
@@ -55,21 +54,21 @@ class IA3(MergeableLayers, PeftMethod):
         dtype: WeightDType = "float32",
     ) -> None:
         if targets == [] and feedforward_targets == []:
-            raise ValueError(f"{FIELD}.targets: both target lists are empty; IA³ would train nothing")
+            raise InvalidArgument("targets", "both target lists are empty; IA³ would train nothing")
         self.targets = targets
         self.feedforward_targets = feedforward_targets
         self.dtype = dtype
 
     def _find(self, model: nn.Module, given: list[str] | None, roles: list[str], field: str) -> list[tuple[str, nn.Module]]:
-        return targets_or_roles(model, given, roles, field=f"{FIELD}.{field}") if given != [] else []
+        return targets_or_roles(model, given, roles, field=field) if given != [] else []
 
     def attach(self, model: nn.Module) -> None:
         scaled_out = self._find(model, self.targets, ["key", "value"], "targets")
         scaled_in = self._find(model, self.feedforward_targets, ["ffn_down"], "feedforward_targets")
         both = {n for n, _ in scaled_out} & {n for n, _ in scaled_in}
         if both:
-            raise ValueError(
-                f"{FIELD}.feedforward_targets: {sorted(both)[:3]} also match targets; a module is scaled "
+            raise InvalidArgument(
+                "feedforward_targets", f"{sorted(both)[:3]} also match targets; a module is scaled "
                 "either at its output (targets) or at its input (feedforward_targets)"
             )
         for scale, found in (("output", scaled_out), ("input", scaled_in)):

@@ -30,6 +30,7 @@ from framework.layers import WeightDType, weight_dtype
 from framework.method import ExportNotSupportedError, MergeableLayers, PeftAdapter, PeftMethod
 from framework.peft_compat import fw_targets, peft_targets, refuse_unknown_options
 from framework.targeting import set_submodule, targets_or_roles
+from framework.validation import positive, positive_int, probability
 from fw_lora.layer import LoRALinear
 
 
@@ -61,12 +62,9 @@ class LoRA(MergeableLayers, PeftMethod):
         rslora: bool = False,
         dtype: WeightDType = "float32",
     ) -> None:
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"model.method.init_args.r: expected a positive integer rank, got {r!r}")
-        if alpha <= 0:
-            raise ValueError(f"model.method.init_args.alpha: expected > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.method.init_args.dropout: expected a probability in [0, 1), got {dropout!r}")
+        positive_int(r, "r", "a positive integer rank")
+        positive(alpha, "alpha")
+        probability(dropout, "dropout")
         self.r = r
         self.alpha = alpha
         self.targets = targets
@@ -75,7 +73,7 @@ class LoRA(MergeableLayers, PeftMethod):
         self.dtype = dtype
 
     def target_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return targets_or_roles(model, self.targets, ["query", "value"], field="model.method.init_args.targets")
+        return targets_or_roles(model, self.targets, ["query", "value"], field="targets")
 
     def attach(self, model: nn.Module) -> None:
         for name, layer in self.target_modules(model):

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from framework.validation import InvalidArgument
 from fw_prefix.encoder import PrefixEncoder
 from fw_prefix.shapes import check_supported, kv_shape
 from framework.virtual_inputs import (
@@ -68,7 +69,7 @@ def is_checkpointing(model: nn.Module) -> bool:
 class PrefixInjector:
     """Feeds ``source``'s per-layer prefix to ``model`` on every forward call."""
 
-    def __init__(self, source: Any, field: str = "model.method.init_args.prefix_length") -> None:
+    def __init__(self, source: Any, field: str = "prefix_length") -> None:
         self.source = source
         self.field = field
         self.max_positions: int | None = None
@@ -164,7 +165,7 @@ def add_prefix(
     model: nn.Module,
     prefix_length: int,
     bottleneck: int | None = 512,
-    field: str = "model.method.init_args",
+    field: str = "prefix_length",
 ) -> PrefixEncoder:
     """Attach a trainable prefix to ``model``: a :class:`PrefixEncoder` registered as
     ``model.prefix_encoder`` and a :class:`PrefixInjector` feeding it to every layer.
@@ -172,12 +173,12 @@ def add_prefix(
     ``bottleneck=None`` trains the flat prefix directly (no reparameterization). Returns
     the encoder, whose ``injector`` attribute is the :class:`PrefixInjector` feeding it.
     """
-    check_supported(model, "model.method")
+    check_supported(model)
     if hasattr(model, MODULE_NAME):
-        raise ValueError(f"model.method: the model already has a '{MODULE_NAME}'; attach one prefix only")
+        raise InvalidArgument("", f"the model already has a '{MODULE_NAME}'; attach one prefix only")
     words = model.get_input_embeddings().weight
     encoder = PrefixEncoder(kv_shape(model), prefix_length, words.shape[1], bottleneck, device=words.device)
     model.add_module(MODULE_NAME, encoder)
-    encoder.injector = PrefixInjector(encoder, f"{field}.prefix_length")
+    encoder.injector = PrefixInjector(encoder, field)
     encoder.injector.install(model)
     return encoder

@@ -34,10 +34,10 @@ from torch import nn
 
 from framework.method import PeftAdapter, PeftMethod, check_state_dict, copy_parameters
 from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
+from framework.validation import positive_int
 from fw_prefix.encoder import PrefixEncoder
 from fw_prefix.inject import MODULE_NAME, add_prefix
 
-FIELD = "model.method.init_args"
 #: the key under which the flat prefix is stored after training
 STORED_KEY = f"{MODULE_NAME}.prompt_embeddings"
 
@@ -57,16 +57,14 @@ class PrefixTuning(PeftMethod):
     stored_key = STORED_KEY
 
     def __init__(self, prefix_length: int = 30, reparameterize: bool = True, bottleneck: int = 512) -> None:
-        if not isinstance(prefix_length, int) or prefix_length <= 0:
-            raise ValueError(f"{FIELD}.prefix_length: expected a positive integer, got {prefix_length!r}")
-        if not isinstance(bottleneck, int) or bottleneck <= 0:
-            raise ValueError(f"{FIELD}.bottleneck: expected a positive integer, got {bottleneck!r}")
+        positive_int(prefix_length, "prefix_length")
+        positive_int(bottleneck, "bottleneck")
         self.prefix_length = prefix_length
         self.reparameterize = reparameterize
         self.bottleneck = bottleneck
 
     def attach(self, model: nn.Module) -> None:
-        encoder = add_prefix(model, self.prefix_length, self.bottleneck if self.reparameterize else None, FIELD)
+        encoder = add_prefix(model, self.prefix_length, self.bottleneck if self.reparameterize else None)
         s = encoder.shape
         trained = sum(p.numel() for p in encoder.parameters())
         stored = self.prefix_length * s.flat_width

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from framework.validation import InvalidArgument
+
 #: encoder families whose attention ignores ``past_key_values``: a prefix cannot reach them
 NO_CACHE = {"distilbert", "deberta-v2", "deberta", "albert", "mpnet"}
 
@@ -59,16 +61,16 @@ def kv_shape(model: nn.Module) -> KVShape:
     return KVShape(num_layers=config.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim)
 
 
-def check_supported(model: nn.Module, field: str = "model.method") -> None:
+def check_supported(model: nn.Module) -> None:
     """Refuse backbones a cache-borne prefix cannot reach (before anything is trained)."""
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"{field}: prefix tuning in fw supports decoder-only and encoder-only backbones; "
+        raise InvalidArgument(
+            "", "prefix tuning in fw supports decoder-only and encoder-only backbones; "
             f"'{model_type(model)}' is an encoder-decoder model"
         )
     if model_type(model) in NO_CACHE:
-        raise ValueError(
-            f"{field}: '{model_type(model)}' attention does not read past_key_values, so a prefix cannot "
+        raise InvalidArgument(
+            "", f"'{model_type(model)}' attention does not read past_key_values, so a prefix cannot "
             "reach it; use a BERT/RoBERTa-family encoder or a decoder-only model"
         )

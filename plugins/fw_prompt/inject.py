@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from framework.validation import InvalidArgument
+
 from framework.virtual_inputs import (
     cache_keyword,
     check_length,
@@ -49,7 +51,7 @@ class VirtualTokenInjector:
     A plain object rather than a closure, so a deep copy of the model copies it consistently.
     """
 
-    def __init__(self, source: nn.Module, field: str = "model.method.init_args.num_virtual_tokens") -> None:
+    def __init__(self, source: nn.Module, field: str = "num_virtual_tokens") -> None:
         self.source = source
         self.field = field
         self.max_positions: int | None = None
@@ -124,17 +126,17 @@ def refuse_encoder_decoder(model: nn.Module, method: str) -> None:
     """Virtual-token methods here support decoder-only and encoder-only backbones."""
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"model.method: {method} supports decoder-only and encoder-only backbones; "
+        raise InvalidArgument(
+            "", f"{method} supports decoder-only and encoder-only backbones; "
             f"'{getattr(config, 'model_type', type(model).__name__)}' is an encoder-decoder model"
         )
 
 
-def add_virtual_tokens(model: nn.Module, source: nn.Module, method: str, field: str) -> VirtualTokenInjector:
+def add_virtual_tokens(model: nn.Module, source: nn.Module, method: str, field: str = "num_virtual_tokens") -> VirtualTokenInjector:
     """Register ``source`` as ``model.prompt_encoder`` and prepend its output to every input."""
     refuse_encoder_decoder(model, method)
     if hasattr(model, MODULE_NAME):
-        raise ValueError(f"model.method: the model already has a '{MODULE_NAME}'; attach one virtual-token method only")
+        raise InvalidArgument("", f"the model already has a '{MODULE_NAME}'; attach one virtual-token method only")
     model.add_module(MODULE_NAME, source)
     injector = VirtualTokenInjector(source, field)
     injector.install(model)

@@ -28,6 +28,7 @@ from torch import nn
 
 from framework.method import PeftAdapter, PeftMethod
 from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
+from framework.validation import InvalidArgument, one_of, positive_int
 from fw_prompt.embedding import PromptEmbedding
 from fw_prompt.inject import MODULE_NAME, add_virtual_tokens
 
@@ -35,8 +36,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning.pytorch import LightningDataModule
 
     from framework.module import PeftModule
-
-FIELD = "model.method.init_args"
 
 
 class PromptTuning(PeftMethod):
@@ -62,21 +61,17 @@ class PromptTuning(PeftMethod):
         init: Literal["vocab", "text", "random"] = "vocab",
         init_text: str | None = None,
     ) -> None:
-        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0:
-            raise ValueError(
-                f"{FIELD}.num_virtual_tokens: expected a positive integer, got {num_virtual_tokens!r}"
-            )
-        if init not in ("vocab", "text", "random"):
-            raise ValueError(f"{FIELD}.init: expected one of vocab, text, random; got {init!r}")
+        positive_int(num_virtual_tokens, "num_virtual_tokens")
+        one_of(init, ("vocab", "text", "random"), "init")
         if init == "text" and not init_text:
-            raise ValueError(f"{FIELD}.init_text: required with init: text (e.g. 'Classify the sentiment of this review')")
+            raise InvalidArgument("init_text", "required with init: text (e.g. 'Classify the sentiment of this review')")
         self.num_virtual_tokens = num_virtual_tokens
         self.init = init
         self.init_text = init_text
 
     def attach(self, model: nn.Module) -> None:
         table = PromptEmbedding(self.num_virtual_tokens, model.get_input_embeddings(), self.init)
-        add_virtual_tokens(model, table, "prompt tuning", f"{FIELD}.num_virtual_tokens")
+        add_virtual_tokens(model, table, "prompt tuning")
         size = table.embedding.weight.numel()
         self.record(MODULE_NAME, f"prompt tuning: {self.num_virtual_tokens} virtual tokens (+{size:,})")
 
@@ -87,7 +82,7 @@ class PromptTuning(PeftMethod):
             return
         ids = module.tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ValueError(f"{FIELD}.init_text: {self.init_text!r} has no tokens")
+            raise InvalidArgument("init_text", f"{self.init_text!r} has no tokens")
         table.init_from_token_ids(list(ids), module.model.get_input_embeddings())
         table.initialised_from_text = True
 

@@ -25,10 +25,10 @@ from torch import nn
 
 from framework.method import PeftAdapter, PeftMethod, check_state_dict, copy_parameters
 from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
+from framework.validation import one_of, optional_positive_int, positive_int, probability
 from fw_prompt import MODULE_NAME, add_virtual_tokens
 from fw_ptuning.encoder import PromptEncoder
 
-FIELD = "model.method.init_args"
 #: the key under which the encoder's output is stored after training
 STORED_KEY = f"{MODULE_NAME}.prompt_embeddings"
 
@@ -56,16 +56,11 @@ class PTuning(PeftMethod):
         encoder_num_layers: int = 2,
         encoder_dropout: float = 0.0,
     ) -> None:
-        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0:
-            raise ValueError(f"{FIELD}.num_virtual_tokens: expected a positive integer, got {num_virtual_tokens!r}")
-        if encoder not in ("mlp", "lstm"):
-            raise ValueError(f"{FIELD}.encoder: expected mlp or lstm, got {encoder!r}")
-        if encoder_hidden_size is not None and (not isinstance(encoder_hidden_size, int) or encoder_hidden_size <= 0):
-            raise ValueError(f"{FIELD}.encoder_hidden_size: expected a positive integer or null, got {encoder_hidden_size!r}")
-        if not isinstance(encoder_num_layers, int) or encoder_num_layers <= 0:
-            raise ValueError(f"{FIELD}.encoder_num_layers: expected a positive integer, got {encoder_num_layers!r}")
-        if not 0.0 <= encoder_dropout < 1.0:
-            raise ValueError(f"{FIELD}.encoder_dropout: expected a probability in [0, 1), got {encoder_dropout!r}")
+        positive_int(num_virtual_tokens, "num_virtual_tokens")
+        one_of(encoder, ("mlp", "lstm"), "encoder")
+        optional_positive_int(encoder_hidden_size, "encoder_hidden_size")
+        positive_int(encoder_num_layers, "encoder_num_layers")
+        probability(encoder_dropout, "encoder_dropout")
         self.num_virtual_tokens = num_virtual_tokens
         self.encoder = encoder
         self.encoder_hidden_size = encoder_hidden_size
@@ -79,7 +74,7 @@ class PTuning(PeftMethod):
             self.num_virtual_tokens, dim, self.encoder_hidden_size or dim, self.encoder,
             self.encoder_num_layers, self.encoder_dropout, device=words.device,
         )
-        add_virtual_tokens(model, prompt_encoder, "P-tuning", f"{FIELD}.num_virtual_tokens")
+        add_virtual_tokens(model, prompt_encoder, "P-tuning")
         size = sum(p.numel() for p in prompt_encoder.parameters())
         self.record(
             MODULE_NAME,

@@ -49,6 +49,7 @@ from torch import nn
 
 from framework.backbone import DTYPES
 from framework.method import MergeNotSupportedError, PeftAdapter
+from framework.validation import one_of
 from framework.targeting import ALL_LINEAR, find_modules, head_module_names, linear_types, set_submodule
 from fw_lora import LoRA, LoRALinear
 from fw_qlora.quant import QuantizationError, dequantize_weight, is_4bit, is_quantized_layer, probe, quantize_linear, to_plain
@@ -149,11 +150,7 @@ class QLoRA(LoRA):
             "merge_dtype": (merge_dtype, ("bfloat16", "float16", "float32")),
         }
         for field, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise ValueError(
-                    f"model.method.init_args.{field}: {value!r} is not supported; "
-                    f"supported: {', '.join(allowed)}"
-                )
+            one_of(value, allowed, field)
         self.dtype = dtype
         self.quantize = quantize
         self.quant_type = quant_type
@@ -167,7 +164,7 @@ class QLoRA(LoRA):
 
     def target_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         targets = [ALL_LINEAR] if self.targets is None else self.targets
-        return find_modules(model, targets, field="model.method.init_args.targets")
+        return find_modules(model, targets, field="targets")
 
     def _check_backbone(self, model: nn.Module) -> torch.device:
         already = [n for n, m in model.named_modules() if is_quantized_layer(m)]
@@ -190,7 +187,7 @@ class QLoRA(LoRA):
         device = self._check_backbone(model)
         if device.type == "cpu" and compute == torch.float16:
             warnings.warn(
-                "model.method.init_args.compute_dtype: float16 4-bit matmuls are very slow on CPU (no "
+                "QLoRA compute_dtype: float16 4-bit matmuls are very slow on CPU (no "
                 "float16 GEMM; ~30x slower than bfloat16 measured here); prefer float32 or bfloat16",
                 UserWarning,
                 stacklevel=2,
@@ -198,7 +195,7 @@ class QLoRA(LoRA):
         probe(device, self.quant_type, compute)
 
         # 1. quantize: every chosen Linear (never the task head) -> bnb Linear4bit
-        field = "model.method.init_args.quantize"
+        field = "quantize"
         patterns = [ALL_LINEAR] if self.quantize is None else self.quantize
         quantized = [name for name, _ in find_modules(model, patterns, field=field)]
         what = f"{self.quant_type.upper()} 4-bit{' (double quant)' if self.double_quant else ''}"
@@ -245,7 +242,7 @@ class QLoRA(LoRA):
     def _enable_checkpointing(model: nn.Module) -> None:
         if not getattr(model, "supports_gradient_checkpointing", False):
             warnings.warn(
-                f"model.method.init_args.gradient_checkpointing: {type(model).__name__} does not support "
+                f"QLoRA gradient_checkpointing: {type(model).__name__} does not support "
                 "gradient checkpointing; training without it",
                 UserWarning,
                 stacklevel=3,

@@ -34,7 +34,7 @@ def bnb() -> Any:
             import bitsandbytes
     except Exception as err:  # ImportError, or a broken native library raising at import
         raise QuantizationError(
-            f"model.method: QLoRA quantizes the backbone with bitsandbytes, which cannot be imported "
+            f"QLoRA quantizes the backbone with bitsandbytes, which cannot be imported "
             f"here ({type(err).__name__}: {err}); install it (pip install bitsandbytes) or use lora"
         ) from err
     return bitsandbytes
@@ -96,7 +96,7 @@ def quantize_linear(
     weight = layer.weight.T.contiguous() if conv1d else layer.weight
     if not weight.is_floating_point():
         raise QuantizationError(
-            f"model.method: cannot quantize a {weight.dtype} weight to 4-bit (expected float32/bfloat16/float16)"
+            f"QLoRA cannot quantize a {weight.dtype} weight to 4-bit (expected float32/bfloat16/float16)"
         )
     new = _quantize_weight(layer, weight, quant_type, double_quant, compute_dtype)
     new.fw_conv1d = conv1d
@@ -150,4 +150,4 @@ def probe(device: torch.device, quant_type: str, compute_dtype: torch.dtype) -> 
         if _PROBED[key] is not None:
             _PROBED[key] = f"bitsandbytes {lib.__version__} cannot quantize to 4-bit on {device.type} ({_PROBED[key]})"
     if _PROBED[key] is not None:
-        raise QuantizationError(f"model.method: {_PROBED[key]}; use lora, or run on a machine bitsandbytes supports")
+        raise QuantizationError(f"QLoRA: {_PROBED[key]}; use lora, or run on a machine bitsandbytes supports")

@@ -24,6 +24,7 @@ from framework.gates import SequenceGate
 from framework.layers import linear_dims
 from framework.method import MergeNotSupportedError
 from framework.targeting import targets_or_roles
+from framework.validation import InvalidArgument
 from fw_adapters import Pfeiffer
 from fw_lora import LoRA
 from fw_lora.layer import LoRALinear
@@ -71,11 +72,10 @@ class GatedPrefixTuning(PrefixTuning):
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
         encoder = self.prefix_encoder(model)
-        field = "model.method (UniPELT prefix gate)"
-        queries = targets_or_roles(model, None, ["query"], field=field)
+        queries = targets_or_roles(model, None, ["query"], field="")
         if len(queries) != encoder.shape.num_layers:
-            raise ValueError(
-                f"{field}: found {len(queries)} query projections for {encoder.shape.num_layers} layers; "
+            raise InvalidArgument(
+                "", f"UniPELT's prefix gates: found {len(queries)} query projections for {encoder.shape.num_layers} layers; "
                 "the gate reads each layer's attention input there"
             )
         weight = encoder.embedding.weight
