@@ -25,9 +25,7 @@ from framework.config import init_args
 from framework.targeting import set_submodule
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lightning.pytorch import LightningDataModule
-
-    from framework.module import PeftModule
+    from framework.prepare import PrepareContext
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], owner: str) -> None:
@@ -98,6 +96,10 @@ class PeftMethod(ABC):
     #: Hugging Face PEFT's ``peft_type`` this method reads and writes (``LORA``, ``IA3``, ...);
     #: None: the method has no PEFT form.
     peft_type: ClassVar[str | None] = None
+    #: whether FSDP may shard the model this method trains; the core refuses a sharding
+    #: strategy otherwise, saying :attr:`sharding_refusal`
+    supports_sharding: ClassVar[bool] = True
+    sharding_refusal: ClassVar[str] = ""
 
     # -- required -------------------------------------------------------------------------
 
@@ -190,8 +192,9 @@ class PeftMethod(ABC):
 
     # -- optional hooks the core calls at the right moment ---------------------------------
 
-    def prepare(self, module: PeftModule, datamodule: LightningDataModule | None) -> None:
-        """Called once before fitting (e.g. a calibration pass over training data)."""
+    def prepare(self, context: PrepareContext) -> None:
+        """Called once before fitting (e.g. a calibration pass over training data); the
+        context is the run as a method needs it (:class:`framework.prepare.PrepareContext`)."""
 
     def on_after_backward(self, model: nn.Module) -> None:
         """Called after every backward pass, before the optimizer step (e.g. gradient masks)."""

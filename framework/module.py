@@ -22,6 +22,7 @@ from framework.formats.fw import AdapterError, architecture
 from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
 from framework.optim import OptimizerName, build_optimizer
+from framework.prepare import PrepareContext, unsharded_batches
 from framework.settings import differences
 from framework.validation import method_errors
 from framework.sharding import full_tensor, is_sharded, shard_like, shard_model
@@ -176,12 +177,44 @@ class PeftModule(LightningModule):
                 f"model.task.num_labels: the data has {len(names)} classes ({', '.join(names[:10])}) "
                 f"but num_labels is {self.task.num_labels}; set model.task.num_labels: {len(names)}"
             )
+        if self.method is not None and self._sharding():
+            self._refuse_unshardable()
         if stage == "fit" and self.method is not None:
             try:
                 with method_errors(FieldError):
-                    self.method.prepare(self, datamodule)
+                    self.method.prepare(self.prepare_context(datamodule))
             except ValueError as err:  # a plugin's refusal of the recipe (its strategy, its data)
                 raise err if isinstance(err, FieldError) else FieldError(str(err)) from err
+
+    def _sharding(self) -> bool:
+        """Whether the trainer's strategy shards the model's weights (FSDP)."""
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+
+    def _refuse_unshardable(self) -> None:
+        if self.method is not None and not self.method.supports_sharding:
+            raise FieldError(
+                f"trainer.strategy: {type(self.method).__name__} cannot be sharded by FSDP "
+                f"({self.method.sharding_refusal or 'the method says so'}); train it with strategy: ddp"
+            )
+
+    def prepare_context(self, datamodule: Any) -> PrepareContext:
+        """The run as :meth:`PeftMethod.prepare` sees it (framework/prepare.py)."""
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
+        return PrepareContext(
+            model=self.model,
+            tokenizer=lambda: self.tokenizer,
+            loss=lambda batch: self.task.step(self.model, batch)[0],
+            train_batches=(lambda: unsharded_batches(datamodule)) if datamodule is not None else None,
+            device=strategy.root_device if strategy is not None else self.device,
+            resuming=bool(trainer is not None and trainer.ckpt_path),
+            world_size=trainer.world_size if trainer is not None else 1,
+            broadcast=strategy.broadcast if strategy is not None else (lambda obj: obj),
+            sharded=self._sharding(),
+            progress=trainer is None or trainer.is_global_zero,
+        )
 
     def configure_model(self) -> None:
         """Under :class:`framework.strategies.FSDP` (a device mesh is set): shard every
@@ -189,6 +222,7 @@ class PeftModule(LightningModule):
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None or is_sharded(self.model):
             return
+        self._refuse_unshardable()
         shard_model(self.model, mesh["data_parallel"], getattr(self.trainer.strategy, "reshard_after_forward", True))
 
     def on_fit_start(self) -> None:

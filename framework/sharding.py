@@ -26,15 +26,10 @@ def is_sharded(model: nn.Module) -> bool:
 
 def shard_model(model: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> None:
     """``fully_shard`` every transformer block, then the root (embeddings, head, the method's
-    top-level modules such as a prefix encoder). Refuses bitsandbytes-quantized weights."""
+    top-level modules such as a prefix encoder). Methods that cannot be sharded (4-bit
+    weights, scattered sparse updates) are refused before this, by ``supports_sharding``."""
     from torch.distributed.fsdp import fully_shard
 
-    quantized = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("bitsandbytes")})
-    if quantized:
-        raise ValueError(
-            f"trainer.strategy: FSDP cannot shard bitsandbytes-quantized layers ({', '.join(quantized)}; "
-            "Lightning does not support 4-bit weights under FSDP either). Train QLoRA with DDP or on one device"
-        )
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)

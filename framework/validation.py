@@ -6,7 +6,7 @@ integer, got 0``) or about itself (argument ``""``); whoever placed it adds the 
 ``methods[i]``, so the user reads ``model.method.init_args.methods[1].init_args.r: ...``.
 
 The helpers are the checks plugins (and the core) repeat: positive integers, probabilities,
-shares, choices.
+fractions, choices.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def probability(value: Any, argument: str) -> None:
         raise InvalidArgument(argument, f"expected a probability in [0, 1), got {value!r}")
 
 
-def share(value: Any, argument: str) -> None:
+def nonzero_fraction(value: Any, argument: str) -> None:
     """A share of something that must not be empty: in (0, 1]."""
     if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise InvalidArgument(argument, f"expected a share in (0, 1], got {value!r}")

@@ -146,10 +146,19 @@ def test_fsdp_two_processes_train_and_the_adapter_checkpoint_round_trips(name, i
         assert summary_metric(run / f"version_{version}", "val/token_loss") == pytest.approx(fsdp_metric, abs=1e-4)
 
 
-def test_qlora_under_fsdp_fails_before_training(build):
-    from framework.sharding import shard_model
+@pytest.mark.parametrize("method,reason", [
+    ({"class_path": "qlora", "init_args": {"r": 4}}, "QLoRA cannot be sharded by FSDP \\(bitsandbytes' 4-bit weights"),
+    ({"class_path": "fisher", "init_args": {"fraction": 0.01}}, "FisherMask cannot be sharded by FSDP \\(its k values"),
+    ({"class_path": "compose", "init_args": {"methods": [{"class_path": "qlora"}]}}, "methods\\[0\\] \\(QLoRA\\): bitsandbytes'"),
+])
+def test_methods_that_cannot_be_sharded_are_refused_before_training(build, method, reason):
+    """The method declares it (supports_sharding); the core refuses FSDP, naming the strategy field."""
+    from lightning.pytorch import Trainer
+
+    from framework.strategies import FSDP
 
     module = build({"backbone": {"config": TINY_LLAMA, "tokenizer": TOKENIZER}, "task": {"class_path": "CausalLM"},
-                    "method": {"class_path": "qlora", "init_args": {"r": 4}}})
-    with pytest.raises(ValueError, match=r"trainer.strategy: FSDP cannot shard bitsandbytes-quantized layers \(Linear4bit"):
-        shard_model(module.model, mesh=None)
+                    "method": method})
+    module.trainer = Trainer(accelerator="cpu", devices=1, strategy=FSDP(), logger=False)
+    with pytest.raises(ValueError, match=f"trainer.strategy: .*{reason}.*train it with strategy: ddp"):
+        module.setup("fit")

@@ -302,13 +302,13 @@ def test_prompt_initialisations(build):
     assert random.model.prompt_encoder.embedding.weight.shape == (20, TINY_BERT["hidden_size"])
     text = build({**recipe(TINY_BERT, "prompt"),
                   "method": {"class_path": "prompt", "init_args": {"num_virtual_tokens": 5, "init": "text", "init_text": "great movie"}}})
-    text.method.prepare(text, None)  # the core calls it before fitting, with the backbone's tokenizer
+    text.method.prepare(text.prepare_context(None))  # the core calls it before fitting, with the backbone's tokenizer
     ids = text.tokenizer("great movie", add_special_tokens=False)["input_ids"]
     expected = words(text)[torch.tensor((ids * 5)[:5])]
     assert torch.equal(text.model.prompt_encoder.embedding.weight, expected)
     with torch.no_grad():
         text.model.prompt_encoder.embedding.weight.zero_()
-    text.method.prepare(text, None)  # a second fit does not re-initialise trained weights
+    text.method.prepare(text.prepare_context(None))  # a second fit does not re-initialise trained weights
     assert text.model.prompt_encoder.embedding.weight.abs().sum() == 0
 
 

@@ -46,9 +46,7 @@ from framework.method import (
 from framework.validation import InvalidArgument
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lightning.pytorch import LightningDataModule
-
-    from framework.module import PeftModule
+    from framework.prepare import PrepareContext
 
 
 def _uses_plain_checkpoints(method: PeftMethod) -> bool:
@@ -233,9 +231,21 @@ class Compose(PeftMethod):
 
     # -- hooks ----------------------------------------------------------------------------
 
-    def prepare(self, module: PeftModule, datamodule: LightningDataModule | None) -> None:
-        for method in self.methods:
-            method.prepare(module, datamodule)
+    def prepare(self, context: PrepareContext) -> None:
+        for i, method in enumerate(self.methods):
+            try:
+                method.prepare(context)
+            except InvalidArgument as err:
+                raise err.under(f"methods[{i}]") from err
+
+    @property  # type: ignore[override]
+    def supports_sharding(self) -> bool:
+        return all(method.supports_sharding for method in self.methods)
+
+    @property  # type: ignore[override]
+    def sharding_refusal(self) -> str:
+        return next((f"{self._label(i)}: {m.sharding_refusal}" for i, m in enumerate(self.methods)
+                     if not m.supports_sharding), "")
 
     def on_after_backward(self, model: nn.Module) -> None:
         for method in self.methods:

@@ -34,18 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from framework.method import MergeNotSupportedError, PeftMethod
 from framework.targeting import head_module_names
-from framework.validation import positive_int, share
+from framework.validation import InvalidArgument, nonzero_fraction, positive_int
 from fw_fisher.fisher import empirical_fisher, top_k_indices
 from fw_fisher.mask import add_sparse_update, remove_sparse_update, sparse_updates
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lightning.pytorch import LightningDataModule
-
-    from framework.module import PeftModule
+    from framework.prepare import PrepareContext
 
 INDICES = ".fisher_indices"
 
@@ -73,9 +70,11 @@ class FisherMask(PeftMethod):
     """
 
     description = "FISH: train a fixed sparse mask of the top-k entries by empirical Fisher information"
+    supports_sharding = False
+    sharding_refusal = "its k values scatter into dense weights, which FSDP shards; DDP trains the same mask on every rank"
 
     def __init__(self, fraction: float = 0.005, num_samples: int = 1024, per_example: bool = True) -> None:
-        share(fraction, "fraction")
+        nonzero_fraction(fraction, "fraction")
         positive_int(num_samples, "num_samples")
         self.fraction = fraction
         self.num_samples = num_samples
@@ -93,28 +92,17 @@ class FisherMask(PeftMethod):
 
     # -- calibration ----------------------------------------------------------------------
 
-    def prepare(self, module: PeftModule, datamodule: LightningDataModule | None) -> None:
-        if sparse_updates(module.model):
+    def prepare(self, context: PrepareContext) -> None:
+        if sparse_updates(context.model):
             return  # already masked (e.g. prepare called twice)
-        trainer = module._trainer
-        if trainer is not None and trainer.ckpt_path:
-            return  # resuming: the checkpoint restores the mask and its values
-        if trainer is not None and type(trainer.strategy).__name__ in ("FSDP", "ModelParallelStrategy"):
-            raise ValueError(
-                "trainer.strategy: the Fisher mask scatters k values into dense weights, which FSDP shards; "
-                "train it with strategy: ddp (every rank then trains the same mask)"
-            )
-        if datamodule is None:
-            raise ValueError("FISH needs training data for its calibration pass (data: ... in the recipe)")
-        device = trainer.strategy.root_device if trainer is not None else module.device
-        progress = trainer is None or trainer.is_global_zero
-        # under DDP every rank calibrates on the same (unsharded) examples, then all install
-        # rank 0's mask: one mask everywhere, the same as a single-process run's
-        share = trainer.strategy.broadcast if trainer is not None and trainer.world_size > 1 else None
-        loader = datamodule.train_dataloader()
-        if isinstance(loader.sampler, DistributedSampler) and loader.sampler.num_replicas > 1:
-            loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
-        self.select(module.model, lambda batch: module.task.step(module.model, batch)[0], loader, device, progress, share)
+        if context.resuming:
+            return  # the checkpoint restores the mask and its values
+        if context.train_batches is None:
+            raise InvalidArgument("", "FISH needs training data for its calibration pass (data: ... in the recipe)")
+        # under DDP every rank calibrates on the same examples, then all install rank 0's mask:
+        # one mask everywhere, the same as a single-process run's
+        share = context.broadcast if context.world_size > 1 else None
+        self.select(context.model, context.loss, context.train_batches(), context.device, context.progress, share)
 
     def select(self, model: nn.Module, loss_fn: Any, batches: Any, device: torch.device | None = None,
                progress: bool = True, share: Any = None) -> dict[str, torch.Tensor]:

@@ -33,9 +33,7 @@ from fw_prompt.embedding import PromptEmbedding
 from fw_prompt.inject import MODULE_NAME, add_virtual_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lightning.pytorch import LightningDataModule
-
-    from framework.module import PeftModule
+    from framework.prepare import PrepareContext
 
 
 class PromptTuning(PeftMethod):
@@ -75,15 +73,15 @@ class PromptTuning(PeftMethod):
         size = table.embedding.weight.numel()
         self.record(MODULE_NAME, f"prompt tuning: {self.num_virtual_tokens} virtual tokens (+{size:,})")
 
-    def prepare(self, module: PeftModule, datamodule: LightningDataModule | None) -> None:
+    def prepare(self, context: PrepareContext) -> None:
         """``init: text``: copy the embeddings of the text's tokens (once, before the first fit)."""
-        table = module.model.get_submodule(MODULE_NAME)
+        table = context.model.get_submodule(MODULE_NAME)
         if self.init != "text" or getattr(table, "initialised_from_text", False):
             return
-        ids = module.tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
+        ids = context.tokenizer()(self.init_text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise InvalidArgument("init_text", f"{self.init_text!r} has no tokens")
-        table.init_from_token_ids(list(ids), module.model.get_input_embeddings())
+        table.init_from_token_ids(list(ids), context.model.get_input_embeddings())
         table.initialised_from_text = True
 
     # -- Hugging Face PEFT's format: one (P, hidden) tensor, prompt_embeddings ----------------

@@ -124,6 +124,8 @@ class QLoRA(LoRA):
     """
 
     description = "QLoRA: LoRA on a 4-bit NF4 double-quantized frozen backbone (merges to 16-bit)"
+    supports_sharding = False
+    sharding_refusal = "bitsandbytes' 4-bit weights cannot be sharded (Lightning does not shard them either); DDP replicates them"
 
     def __init__(
         self,
