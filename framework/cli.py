@@ -55,7 +55,6 @@ from framework.settings import adopted
 from framework.summary import RunSummary
 from framework.validation import InvalidArgument, find_cause
 
-
 _YAML_LOADER = get_loader("yaml")
 #: what Lightning resolves itself as a --ckpt_path
 LIGHTNING_CKPT_NAMES = {"last", "best", "hpc", "registry"}

@@ -15,20 +15,20 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from framework.backbone import Backbone
 from framework.config import to_config
-from framework.finite import NonFiniteTrainingError, explain, grad_norm, is_finite
 from framework.data.text import TextDataModule
 from framework.errors import FieldError
+from framework.finite import NonFiniteTrainingError, explain, grad_norm, is_finite
 from framework.formats.fw import AdapterError, architecture
 from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
 from framework.optim import OptimizerName, build_optimizer
 from framework.prepare import PrepareContext, unsharded_batches
 from framework.settings import differences
-from framework.validation import method_errors
 from framework.sharding import full_tensor, is_sharded, shard_like, shard_model
 from framework.targeting import head_module_names
 from framework.tasks import Classification, Task
 from framework.tree import render_tree
+from framework.validation import method_errors
 
 CHECKPOINT_KEY = "fw"
 

@@ -46,7 +46,8 @@ def test_an_adapter_of_another_method_task_or_backbone_names_both(tmp_path, sent
     three_path = write_recipe(tmp_path / "three.yaml", three)
     lora = _adapter(tmp_path, "lora", {"class_path": "lora", "init_args": {"r": 8}})
     cases = [
-        (["test", "--config", path, "--adapter", ia3_fw], "holds fw_ia3.method.IA3 weights but the recipe's model.method is fw_lora.method.LoRA"),
+        (["test", "--config", path, "--adapter", ia3_fw],
+         "holds fw_ia3.method.IA3 weights but the recipe's model.method is fw_lora.method.LoRA"),
         (["test", "--config", path, "--adapter", ia3_peft], "is PEFT's IA3 but the recipe's model.method is fw_lora.method.LoRA"),
         (["test", "--config", path, "--adapter", narrow], "hidden_size=32) but the recipe's backbone config"),
         (["validate", "--config", three_path, "--adapter", lora], "(num_labels differ)"),

@@ -55,5 +55,6 @@ def test_checkpoint_holds_the_biases_and_head_only(build, sentiment_csv, tmp_pat
     fresh.eval(), module.eval()
     ids = torch.randint(1000, 2000, (2, 7))
     # `fresh` has other random weights (seed 5); the biases and the head come from the checkpoint
-    assert torch.equal(fresh.model.bert.encoder.layer[0].attention.self.query.bias, module.model.bert.encoder.layer[0].attention.self.query.bias)
+    query = "bert.encoder.layer.0.attention.self.query"
+    assert torch.equal(fresh.model.get_submodule(query).bias, module.model.get_submodule(query).bias)
     assert fresh.model(input_ids=ids).logits.shape == (2, 2)

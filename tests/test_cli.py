@@ -172,7 +172,8 @@ def test_unknown_method_lists_the_installed_ones(tmp_path, sentiment_csv, capsys
     recipe["model"]["method"]["class_path"] = "lorra"
     err = _fails(["fit", "--config", write_recipe(tmp_path / "r.yaml", recipe)], capsys)
     assert "model.method: unknown method 'lorra'; installed methods: " in err and "lora" in err
-    err = _fails(["fit", "--config", write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, sentiment_csv)), "--model.method", "lorra"], capsys)
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, sentiment_csv))
+    err = _fails(["fit", "--config", path, "--model.method", "lorra"], capsys)
     assert "unknown method 'lorra'" in err
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import TOKENIZER
 
 from framework.backbone import Backbone

@@ -107,7 +107,8 @@ inputs = load_file(sys.argv[1])
 out = {}
 for folder in sys.argv[2:]:
     config = transformers.AutoConfig.from_pretrained(folder)
-    auto = transformers.AutoModelForCausalLM if config.architectures[0].endswith("CausalLM") else transformers.AutoModelForSequenceClassification
+    causal = config.architectures[0].endswith("CausalLM")
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForSequenceClassification
     model = auto.from_pretrained(folder).eval()
     transformers.AutoTokenizer.from_pretrained(folder)
     with torch.no_grad():

@@ -231,7 +231,8 @@ REFUSED = {
     # method (args), format -> what the one line says
     ("houlsby", "{}", "peft"): "Houlsby has no Hugging Face PEFT form; Houlsby can be exported with --format fw",
     ("parallel_adapter", "{}", "peft"): "can be exported with --format fw",
-    ("mam", '{"prefix_length": 2, "prefix_bottleneck": 8}', "peft"): "MAM: its part methods[1] (Parallel): Parallel has no Hugging Face PEFT form",
+    ("mam", '{"prefix_length": 2, "prefix_bottleneck": 8}', "peft"):
+        "MAM: its part methods[1] (Parallel): Parallel has no Hugging Face PEFT form",
     ("unipelt", '{"prefix_length": 2, "prefix_bottleneck": 8}', "peft"): "can be exported with --format fw",
     ("fisher", '{"fraction": 0.01, "num_samples": 3}', "peft"): "can be exported with --format merged or fw",
     ("bitfit", "{}", "peft"): "BEFT adapts nn.Linear biases only",

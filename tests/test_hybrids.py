@@ -62,7 +62,8 @@ def test_unipelt_bert_base_count_decomposes(build):
     prefix = numel(module, lambda n: n.startswith("prefix_encoder."))
     prefix_gates = numel(module, lambda n: n.startswith("prefix_gates."))
     adapters = numel(module, lambda n: ".adapter." in n)
-    adapter_gates = numel(module, lambda n: n.endswith(("output.dense.gate.proj.weight", "output.dense.gate.proj.bias")) and ".attention." not in n)
+    gate_names = ("output.dense.gate.proj.weight", "output.dense.gate.proj.bias")
+    adapter_gates = numel(module, lambda n: n.endswith(gate_names) and ".attention." not in n)
     assert lora == 12 * 2 * 8 * (768 + 768) == 294_912
     assert lora_gates == 12 * 2 * 769 == 18_456
     assert prefix == 10 * 768 + (768 * 512 + 512) + (512 * 18_432 + 18_432) == 9_857_024
@@ -89,7 +90,8 @@ def test_compose_lora_and_parallel_adapter_is_the_sum_of_the_two(build):
 
 def test_conflicting_composition_fails_naming_the_module(build):
     bitfit_then_lora = {"class_path": "compose", "init_args": {"methods": [{"class_path": "bitfit"}, LORA]}}
-    with pytest.raises(ValueError, match=r"methods\[1\] \(LoRA\) modifies 'bert.encoder.layer.0.attention.self.query'.*methods\[0\] \(BitFit\)"):
+    conflict = r"methods\[1\] \(LoRA\) modifies 'bert.encoder.layer.0.attention.self.query'.*methods\[0\] \(BitFit\)"
+    with pytest.raises(ValueError, match=conflict):
         build(recipe(TINY_BERT, bitfit_then_lora))
     lora_on_attention_output = {"class_path": "lora", "init_args": {"targets": ["attention.output.dense"]}}
     wrapped_first = {"class_path": "compose", "init_args": {"methods": [lora_on_attention_output, {"class_path": "houlsby"}]}}

@@ -65,7 +65,8 @@ def test_fresh_lora_leaves_logits_unchanged(build):
     assert torch.equal(base.model(input_ids=ids).logits, adapted.model(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("config,targets", [(TINY_BERT, ["query", "value", "intermediate.dense"]), (TINY_GPT2, ["c_attn", "c_fc"]), (TINY_LLAMA, ["all-linear"])])
+@pytest.mark.parametrize("config,targets", [
+    (TINY_BERT, ["query", "value", "intermediate.dense"]), (TINY_GPT2, ["c_attn", "c_fc"]), (TINY_LLAMA, ["all-linear"])])
 def test_merge_gives_the_same_logits_and_unmerge_restores_the_base(build, config, targets):
     module = build(lora_recipe(config, r=4, targets=targets))
     _randomize_lora(module)

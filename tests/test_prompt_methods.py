@@ -267,7 +267,8 @@ def test_ptuning_stores_only_the_encoder_output_and_it_suffices(build, key):
 @pytest.mark.parametrize("key", ["prompt", "prefix"])
 # the classifier through PEFT's task-agnostic wrapper: PEFT's SEQ_CLS prefix path looks for a
 # `past_key_values` argument, which transformers 5.24 renamed to `cache`
-@pytest.mark.parametrize("backbone,task,task_type", [(TINY_BERT, None, "FEATURE_EXTRACTION"), (TINY_LLAMA, "CausalLM", "CAUSAL_LM")], ids=["bert", "llama"])
+@pytest.mark.parametrize("backbone,task,task_type", [(TINY_BERT, None, "FEATURE_EXTRACTION"), (TINY_LLAMA, "CausalLM", "CAUSAL_LM")],
+                         ids=["bert", "llama"])
 def test_same_outputs_as_hugging_face_peft_with_the_stored_tensor(build, key, backbone, task, task_type):
     """The stored tensor is PEFT's ``prompt_embeddings``: loaded into peft, it gives the same logits
     (virtual positions, masks, positions and the prefix layout agree)."""

@@ -187,8 +187,8 @@ def test_merge_in_place_is_exact_in_float32_and_cannot_be_undone(build):
 @pytest.fixture(scope="module")
 def causal_run(tmp_path_factory, instruction_jsonl):
     """One short QLoRA SFT run on a tiny Llama with a paged optimizer and a checkpoint."""
-    from framework.cli import build_module
     from framework import optim
+    from framework.cli import build_module
 
     tmp_path = tmp_path_factory.mktemp("qlora_causal")
     recipe = qlora_recipe(TINY_LLAMA, "CausalLM", r=8)

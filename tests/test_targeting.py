@@ -73,7 +73,8 @@ def test_registry_resolves_registered_names_in_recipes_and_argv():
                                        "data": {"class_path": "ClassificationData"}})
     assert resolved["model"]["method"] == {"class_path": "fw_lora.LoRA", "init_args": {"r": 2}}
     assert resolved["data"]["class_path"] == "ClassificationData"
-    assert registry.resolve_cli_names(["fit", "--model.method", "lora", "--x", "lora"]) == ["fit", "--model.method", "fw_lora.LoRA", "--x", "lora"]
+    resolved = registry.resolve_cli_names(["fit", "--model.method", "lora", "--x", "lora"])
+    assert resolved == ["fit", "--model.method", "fw_lora.LoRA", "--x", "lora"]
     assert registry.resolve_cli_names(["--model.method.class_path=lora"]) == ["--model.method.class_path=fw_lora.LoRA"]
     with pytest.raises(registry.UnknownMethodError, match="unknown method 'nope'"):
         registry.resolve_names({"model": {"method": "nope"}})

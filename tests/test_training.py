@@ -23,7 +23,8 @@ class LossRecorder(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_step = trainer.global_step
-        self.start_optimizer_state = {k: {n: t.clone() for n, t in v.items()} for k, v in trainer.optimizers[0].state_dict()["state"].items()}
+        state = trainer.optimizers[0].state_dict()["state"]
+        self.start_optimizer_state = {k: {n: t.clone() for n, t in v.items()} for k, v in state.items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))

@@ -30,9 +30,9 @@ import json
 import multiprocessing
 import resource
 import sys
-import traceback
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 

@@ -25,10 +25,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from framework.data.checks import Locate, check_file, locator, same_columns
+from framework.data.packaged import PACKAGED
 from framework.data.sampler import EpochSampler
 from framework.errors import FieldError
-
-from framework.data.packaged import PACKAGED
 
 SPLITS = ("train", "validation", "test")
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

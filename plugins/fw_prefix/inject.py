@@ -28,8 +28,6 @@ from torch import nn
 from transformers import DynamicCache
 
 from framework.validation import InvalidArgument
-from fw_prefix.encoder import PrefixEncoder
-from fw_prefix.shapes import check_supported, kv_shape
 from framework.virtual_inputs import (
     cache_keyword,
     check_length,
@@ -41,6 +39,8 @@ from framework.virtual_inputs import (
     prepend,
     seen_positions,
 )
+from fw_prefix.encoder import PrefixEncoder
+from fw_prefix.shapes import check_supported, kv_shape
 
 #: attribute set on a transformers Cache that already holds the prefix
 CACHE_MARK = "_fw_prefix_length"

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from framework.validation import InvalidArgument
-
 from framework.virtual_inputs import (
     cache_keyword,
     check_length,

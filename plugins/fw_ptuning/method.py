@@ -21,12 +21,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from fw_prompt import MODULE_NAME, add_virtual_tokens
 from torch import nn
 
 from framework.method import PeftAdapter, PeftMethod, check_state_dict, copy_parameters
 from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
 from framework.validation import one_of, optional_positive_int, positive_int, probability
-from fw_prompt import MODULE_NAME, add_virtual_tokens
 from fw_ptuning.encoder import PromptEncoder
 
 #: the key under which the encoder's output is stored after training

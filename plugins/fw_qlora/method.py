@@ -45,13 +45,13 @@ import warnings
 from typing import Literal
 
 import torch
+from fw_lora import LoRA, LoRALinear
 from torch import nn
 
 from framework.backbone import DTYPES
 from framework.method import MergeNotSupportedError, PeftAdapter
-from framework.validation import one_of
 from framework.targeting import ALL_LINEAR, find_modules, head_module_names, linear_types, set_submodule
-from fw_lora import LoRA, LoRALinear
+from framework.validation import one_of
 from fw_qlora.quant import QuantizationError, dequantize_weight, is_4bit, is_quantized_layer, probe, quantize_linear, to_plain
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")

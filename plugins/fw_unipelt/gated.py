@@ -17,6 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from fw_adapters import Pfeiffer
+from fw_lora import LoRA
+from fw_lora.layer import LoRALinear
+from fw_prefix import PrefixInjector, PrefixTuning
 from torch import nn
 from torch.nn import functional as F
 
@@ -25,10 +29,6 @@ from framework.layers import linear_dims
 from framework.method import MergeNotSupportedError
 from framework.targeting import targets_or_roles
 from framework.validation import InvalidArgument
-from fw_adapters import Pfeiffer
-from fw_lora import LoRA
-from fw_lora.layer import LoRALinear
-from fw_prefix import PrefixInjector, PrefixTuning
 
 #: where the prefix gates live in the model (parameters ``prefix_gates.<layer>.proj.*``)
 PREFIX_GATES = "prefix_gates"

@@ -35,10 +35,10 @@ The gates make every part input-dependent, so nothing can be merged into the wei
 
 from __future__ import annotations
 
+from fw_compose import Compose
 from torch import nn
 
 from framework.gates import PaddingMask, SequenceGate
-from fw_compose import Compose
 from fw_unipelt.gated import PREFIX_GATES, GatedLoRA, GatedPfeiffer, GatedPrefixTuning
 
 
