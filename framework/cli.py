@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import netrc
 import os
 import pickle
 import re
@@ -54,6 +53,7 @@ from framework.resume import ExactResume, last_checkpoint
 from framework.settings import adopted
 from framework.summary import RunSummary
 from framework.validation import InvalidArgument, find_cause
+from framework.wandb_credentials import wandb_has_credentials
 
 _YAML_LOADER = get_loader("yaml")
 #: what Lightning resolves itself as a --ckpt_path
@@ -74,15 +74,6 @@ class FwSaveConfig(SaveConfigCallback):
         config = self.parser.dump(self.config, skip_none=False, format="yaml")
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": yaml.safe_load(config)})
-
-
-def _wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
 
 
 class FwCLI(LightningCLI):
@@ -168,7 +159,7 @@ class FwCLI(LightningCLI):
             if not hasattr(logger, "class_path") or not str(logger.class_path).endswith("WandbLogger"):
                 continue
             args = logger.init_args
-            if not args.get("offline") and "WANDB_MODE" not in os.environ and not _wandb_has_credentials():
+            if not args.get("offline") and "WANDB_MODE" not in os.environ and not wandb_has_credentials():
                 args["offline"] = True
                 print("fw: no W&B API key found; the W&B run is written offline (sync it later with `wandb sync`)")
             if args.get("save_dir") in (None, ".") and config.trainer.get("default_root_dir"):

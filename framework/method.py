@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from framework.config import init_args
 from framework.targeting import set_submodule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,10 +208,21 @@ class PeftMethod(ABC):
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else cls.__name__
 
-    def hparams(self) -> dict[str, Any]:
-        """The hyper-parameters this instance was built with (its typed ``__init__`` arguments,
-        kept as same-named attributes)."""
-        return init_args(self)
+
+def load_stored_output(method: PeftMethod, model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool,
+                       key: str, module: nn.Module) -> None:
+    """Load a stored form in which ``key`` holds ``module``'s output (P-tuning's prompt, prefix
+    tuning's flat prefix): ``module`` serves it from now on (``use_stored``) and is frozen;
+    the other tensors are parameters."""
+    owner = type(method).__name__
+    if strict:
+        check_state_dict(method.stored_state_dict(model), state_dict, owner)
+    state = dict(state_dict)
+    if key not in state:
+        raise KeyError(f"{owner}: '{key}' is missing from the stored weights")
+    module.use_stored(state.pop(key))
+    module.requires_grad_(False)
+    copy_parameters(model, state, owner)
 
 
 class MergeableLayers:

@@ -121,7 +121,6 @@ class PeftModule(LightningModule):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-        self.train_metrics = task.metrics()
         self.val_metrics = task.metrics()
         self.test_metrics = task.metrics()
         self._tokenizer: Any = None

@@ -178,11 +178,11 @@ def to_wandb(rows: dict[str, dict[str, Any]], out: Path, wandb_args: dict[str, A
     when no W&B credentials are found, as fw's runs are."""
     import wandb
 
-    from framework.cli import _wandb_has_credentials
+    from framework.wandb_credentials import wandb_has_credentials
 
     args = dict(wandb_args)
     offline = args.pop("offline", None)
-    if offline or (offline is None and "WANDB_MODE" not in os.environ and not _wandb_has_credentials()):
+    if offline or (offline is None and "WANDB_MODE" not in os.environ and not wandb_has_credentials()):
         args["mode"] = "offline"
     keys = list(dict.fromkeys(k for row in rows.values() for k in row))  # rows differ (ratios, floor)
     cell = lambda v: json.dumps(v) if isinstance(v, list) else v  # noqa: E731

@@ -23,8 +23,6 @@ class Task(ABC):
     train_head_default: bool = True
     #: Hugging Face PEFT's task_type for this task (for ``fw export``)
     peft_task_type: str = ""
-    #: the metric that model selection and summaries lead with
-    main_metric: str = ""
     #: the DataModule class (or a subclass of it) that feeds this task
     data_class: str = ""
 

@@ -32,7 +32,6 @@ class CausalLM(Task):
     train_head_default = False  # the LM head is usually tied to the input embeddings
     peft_task_type = "CAUSAL_LM"
     data_class = "InstructionData"
-    main_metric = "perplexity"
 
     def __init__(
         self, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0

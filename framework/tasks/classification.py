@@ -27,7 +27,6 @@ class Classification(Task):
     train_head_default = True
     peft_task_type = "SEQ_CLS"
     data_class = "ClassificationData"
-    main_metric = "accuracy"
 
     def __init__(
         self, num_labels: int = 2, label_names: list[str] | None = None, pooling: Literal["cls", "mean"] = "cls"

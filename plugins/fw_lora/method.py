@@ -77,11 +77,18 @@ class LoRA(MergeableLayers, PeftMethod):
 
     def attach(self, model: nn.Module) -> None:
         for name, layer in self.target_modules(model):
-            dtype = weight_dtype(self.dtype, layer.weight)
-            wrapped = self.layer_type(layer, self.r, self.alpha, self.dropout, self.rslora, dtype)
+            wrapped = self.layer_type(layer, self.r, self.alpha, self.dropout, self.rslora, self.adapter_dtype(layer))
             set_submodule(model, name, wrapped)
-            added = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-            self.record(name, f"LoRA r={self.r} (+{added:,})")
+            self.on_wrapped(name, wrapped)
+
+    def adapter_dtype(self, layer: nn.Module) -> torch.dtype:
+        """The dtype of A and B beside ``layer`` (subclasses: another rule, e.g. QLoRA's compute dtype)."""
+        return weight_dtype(self.dtype, layer.weight)
+
+    def on_wrapped(self, name: str, wrapped: LoRALinear) -> None:
+        """Called for every layer :meth:`attach` wrapped: records it (subclasses also configure it)."""
+        added = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+        self.record(name, f"LoRA r={self.r} (+{added:,})")
 
     # -- Hugging Face PEFT's format --------------------------------------------------------
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from framework.method import PeftAdapter, PeftMethod, check_state_dict, copy_parameters
+from framework.method import PeftAdapter, PeftMethod, load_stored_output
 from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
 from framework.validation import positive_int
 from fw_prefix.encoder import PrefixEncoder
@@ -89,15 +89,7 @@ class PrefixTuning(PeftMethod):
     def load_stored_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load what :meth:`stored_state_dict` returned, for inference: the encoder is bypassed
         (and frozen) and serves the stored prefix."""
-        if strict:
-            check_state_dict(self.stored_state_dict(model), state_dict, type(self).__name__)
-        state = dict(state_dict)
-        if STORED_KEY not in state:
-            raise KeyError(f"PrefixTuning: '{STORED_KEY}' is missing from the stored weights")
-        encoder = self.prefix_encoder(model)
-        encoder.use_stored(state.pop(STORED_KEY))
-        encoder.requires_grad_(False)
-        copy_parameters(model, state, type(self).__name__)
+        load_stored_output(self, model, state_dict, strict, STORED_KEY, self.prefix_encoder(model))
 
     # -- Hugging Face PEFT's format: the flat prefix as prompt_embeddings ----------------------
 

@@ -24,7 +24,7 @@ import torch
 from fw_prompt import MODULE_NAME, add_virtual_tokens
 from torch import nn
 
-from framework.method import PeftAdapter, PeftMethod, check_state_dict, copy_parameters
+from framework.method import PeftAdapter, PeftMethod, load_stored_output
 from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
 from framework.validation import one_of, optional_positive_int, positive_int, probability
 from fw_ptuning.encoder import PromptEncoder
@@ -100,15 +100,7 @@ class PTuning(PeftMethod):
     def load_stored_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load what :meth:`stored_state_dict` returned, for inference: the encoder is bypassed
         (and frozen) and serves the stored embeddings."""
-        if strict:
-            check_state_dict(self.stored_state_dict(model), state_dict, type(self).__name__)
-        state = dict(state_dict)
-        if STORED_KEY not in state:
-            raise KeyError(f"PTuning: '{STORED_KEY}' is missing from the stored weights")
-        encoder = self.prompt_encoder(model)
-        encoder.use_stored(state.pop(STORED_KEY))
-        encoder.requires_grad_(False)
-        copy_parameters(model, state, type(self).__name__)
+        load_stored_output(self, model, state_dict, strict, STORED_KEY, self.prompt_encoder(model))
 
     # -- Hugging Face PEFT's format: the encoder's output as prompt_embeddings -----------------
 

@@ -124,6 +124,7 @@ class QLoRA(LoRA):
     """
 
     description = "QLoRA: LoRA on a 4-bit NF4 double-quantized frozen backbone (merges to 16-bit)"
+    layer_type = QLoRALinear
     supports_sharding = False
     sharding_refusal = "bitsandbytes' 4-bit weights cannot be sharded (Lightning does not shard them either); DDP replicates them"
 
@@ -200,26 +201,32 @@ class QLoRA(LoRA):
         field = "quantize"
         patterns = [ALL_LINEAR] if self.quantize is None else self.quantize
         quantized = [name for name, _ in find_modules(model, patterns, field=field)]
-        what = f"{self.quant_type.upper()} 4-bit{' (double quant)' if self.double_quant else ''}"
         for name in quantized:  # one layer at a time: each full-precision weight is freed when replaced
             layer = model.get_submodule(name)
             set_submodule(model, name, quantize_linear(layer, self.quant_type, self.double_quant, compute))
             del layer
-            self.record(name, what)
+            self.record(name, self._quantization())
 
         # 2. prepare for k-bit training
         self._upcast(model)
         if self.gradient_checkpointing:
             self._enable_checkpointing(model)
 
-        # 3. LoRA on the targets (4-bit or not), via fw_lora's layer
-        adapter_dtype = compute if self.dtype == "compute" else DTYPES[self.dtype]
-        for name, layer in self.target_modules(model):
-            wrapped = QLoRALinear(layer, self.r, self.alpha, self.dropout, self.rslora, adapter_dtype)
-            wrapped.merge_dtype = DTYPES[self.merge_dtype]
-            set_submodule(model, name, wrapped)
-            added = wrapped.lora_A.numel() + wrapped.lora_B.numel()
-            self.record(name, f"{what + ' + ' if name in quantized else ''}LoRA r={self.r} (+{added:,})")
+        # 3. LoRA on the targets (4-bit or not): fw_lora's attach, with QLoRA's layer and dtypes
+        self.__dict__["_quantized"], self.__dict__["_compute"] = set(quantized), compute
+        super().attach(model)
+
+    def _quantization(self) -> str:
+        return f"{self.quant_type.upper()} 4-bit{' (double quant)' if self.double_quant else ''}"
+
+    def adapter_dtype(self, layer: nn.Module) -> torch.dtype:
+        return self.__dict__["_compute"] if self.dtype == "compute" else DTYPES[self.dtype]
+
+    def on_wrapped(self, name: str, wrapped: LoRALinear) -> None:
+        wrapped.merge_dtype = DTYPES[self.merge_dtype]
+        added = wrapped.lora_A.numel() + wrapped.lora_B.numel()
+        quantized = f"{self._quantization()} + " if name in self.__dict__["_quantized"] else ""
+        self.record(name, f"{quantized}LoRA r={self.r} (+{added:,})")
 
     def _upcast(self, model: nn.Module) -> None:
         if self.upcast == "none":
