@@ -114,6 +114,35 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> str:
     return str(path)
 
 
+#: modules whose tests are whole runs (fits, subprocesses): the `integration` tier
+INTEGRATION_MODULES = {
+    "test_bench", "test_checkpoint_writes", "test_cli", "test_distributed", "test_nonfinite", "test_quickstart",
+    "test_quickstart_task", "test_recipes", "test_resume", "test_third_party_plugin", "test_wandb_offline",
+    "test_bad_inputs", "test_adapter_loading",
+}
+
+#: single tests elsewhere that train for steps or start a process (every parametrization)
+INTEGRATION_TESTS = {
+    "test_bench_script_runs_on_cpu", "test_causal_lm_loss_falls_on_response_tokens", "test_classification_loss_falls",
+    "test_checkpoint_stores_indices_and_values_scaling_with_k", "test_compose_lora_and_parallel_adapter_is_the_sum_of_the_two",
+    "test_decoder_causal_lm_loss_falls", "test_encoder_classification_loss_falls_through_the_method_alone",
+    "test_fw_fit_then_predict_generates_with_prefix_tuning", "test_loss_falls_and_frozen_weights_stay_bitwise_equal",
+    "test_mask_has_exactly_k_entries_and_untouched_entries_stay_bitwise_equal", "test_trains_on_decoder",
+    "test_merged_models_load_without_fw_and_give_fws_logits", "test_resume_continues_step_count_optimizer_and_schedule",
+    "test_string_labels_map_to_ids_in_sorted_order", "test_trains_on_encoder_with_frozen_weights_unchanged",
+    "test_trains_in_fws_loop_through_the_encoder_alone",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the integration tier (the modules and tests above, the distributed tests), so
+    `make test-unit` can leave it out."""
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if item.module.__name__ in INTEGRATION_MODULES or name in INTEGRATION_TESTS or item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.integration)
+
+
 def _saved_base(tmp_path_factory: pytest.TempPathFactory, name: str, auto: str, config: dict[str, Any]) -> str:
     """A random-init model saved as a local pretrained folder: the base a PEFT adapter or a
     merged model is loaded on outside fw (seed 0, so every test session builds the same)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BERT, TOKENIZER, perturb_trainable, write_recipe
-from test_cli import tiny_recipe
+from helpers import tiny_recipe
 
 from framework.cli import build_module, main
 from framework.formats.fw import write_fw_adapter

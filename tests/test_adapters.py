@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY_BERT, TINY_GPT2, TINY_LLAMA, TOKENIZER
 from fw_adapters import ParallelAdapter, SerialAdapter
-from test_training import LossRecorder, classification_data, trainer
+from helpers import LossRecorder, classification_data, trainer
 
 from framework.data import InstructionData
 from framework.method import MergeNotSupportedError

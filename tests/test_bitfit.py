@@ -41,8 +41,8 @@ def test_llama_without_biases_fails_clearly(build):
 
 
 def test_checkpoint_holds_the_biases_and_head_only(build, sentiment_csv, tmp_path):
+    from helpers import LossRecorder, classification_data, trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from test_training import LossRecorder, classification_data, trainer
 
     module = build(bitfit_recipe(TINY_BERT))
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)

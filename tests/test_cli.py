@@ -8,28 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BERT, TOKENIZER, write_recipe
+from conftest import TOKENIZER, write_recipe
+from helpers import tiny_recipe
 
 from framework.cli import main
-
-
-def tiny_recipe(tmp_path: Path, files: dict[str, str], **model: object) -> dict:
-    return {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_epochs": 10, "enable_progress_bar": False,
-            "default_root_dir": str(tmp_path / "runs"), "enable_model_summary": False,
-            "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"}},
-            "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"save_last": True, "save_top_k": 0}}],
-        },
-        "model": {
-            "backbone": {"config": TINY_BERT, "tokenizer": TOKENIZER},
-            "method": {"class_path": "lora", "init_args": {"r": 8}},
-            "learning_rate": 0.01,
-            **model,
-        },
-        "data": {"class_path": "ClassificationData", "init_args": {"data_files": files, "batch_size": 16}},
-    }
 
 
 def test_methods_lists_registered_name_package_and_description(capsys):

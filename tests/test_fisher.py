@@ -9,8 +9,8 @@ from conftest import TINY_BERT, TOKENIZER
 from fw_fisher import FisherMask, SparseUpdate
 from fw_fisher.mask import sparse_updates
 from fw_fisher.method import candidate_params
+from helpers import LossRecorder, classification_data, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_training import LossRecorder, classification_data, trainer
 from torch import nn
 
 

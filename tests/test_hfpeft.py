@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import TINY_BERT, TINY_LLAMA, TOKENIZER
-from test_training import LossRecorder, trainer
+from helpers import LossRecorder, trainer
 
 from framework.data import ClassificationData
 

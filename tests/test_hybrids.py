@@ -11,8 +11,7 @@ import torch
 from conftest import TINY_BERT, TINY_GPT2, TINY_LLAMA, TOKENIZER
 from fw_adapters import ParallelAdapter, SerialAdapter
 from fw_unipelt import GatedLoRALinear
-from test_prompt_methods import SHARP_BERT, _alone_and_padded, _perturb
-from test_training import LossRecorder, trainer
+from helpers import SHARP_BERT, LossRecorder, alone_and_padded, perturb, trainer
 
 from framework.data import ClassificationData, InstructionData
 from framework.gates import SequenceGate
@@ -108,7 +107,7 @@ def test_a_method_with_its_own_checkpoint_format_cannot_be_composed(build):
 def test_compose_of_mergeable_methods_merges_with_equal_logits(build):
     both = {"class_path": "compose", "init_args": {"methods": [LORA, {"class_path": "ia3"}]}}
     module = build(recipe(TINY_BERT, both)).eval()
-    _perturb(module)
+    perturb(module)
     ids = torch.randint(1000, 2000, (2, 7))
     with torch.no_grad():
         before = module.model(input_ids=ids).logits
@@ -119,7 +118,7 @@ def test_compose_of_mergeable_methods_merges_with_equal_logits(build):
 @pytest.mark.parametrize("name", list(HYBRIDS))
 def test_merge_fails_clearly_and_changes_nothing(build, name):
     module = build(recipe(TINY_BERT, HYBRIDS[name])).eval()
-    _perturb(module)
+    perturb(module)
     ids = torch.randint(1000, 2000, (2, 7))
     with torch.no_grad():
         before = module.model(input_ids=ids).logits
@@ -144,7 +143,7 @@ def test_gate_is_the_mean_over_real_tokens(build):
 
 @pytest.mark.parametrize("name", ["mam", "unipelt"])
 def test_padding_does_not_change_an_encoder_sequence(build, name):
-    alone, batch = _alone_and_padded(build(recipe(TINY_BERT, HYBRIDS[name])))
+    alone, batch = alone_and_padded(build(recipe(TINY_BERT, HYBRIDS[name])))
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=0)
 
 
@@ -152,8 +151,8 @@ def test_padding_does_not_change_an_encoder_sequence(build, name):
 @pytest.mark.parametrize("backbone", [TINY_GPT2, TINY_LLAMA], ids=["gpt2", "llama"])
 def test_padding_does_not_change_a_decoder_sequence_and_generation_works(build, name, backbone):
     module = build(recipe(backbone, HYBRIDS[name], "CausalLM"))
-    _perturb(module)  # make the zero-initialised parts matter
-    alone, batch = _alone_and_padded(module)
+    perturb(module)  # make the zero-initialised parts matter
+    alone, batch = alone_and_padded(module)
     torch.testing.assert_close(batch[:5], alone, atol=1e-4, rtol=1e-5)
     prompt = torch.randint(1000, 2000, (1, 5))
     out = module.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3,
@@ -187,7 +186,7 @@ def test_trains_on_decoder(build, instruction_jsonl, tmp_path, name):
 @pytest.mark.parametrize("name", list(HYBRIDS))
 def test_checkpoint_round_trip(build, tmp_path, name):
     module = build(recipe(TINY_BERT, HYBRIDS[name]), seed=1)
-    _perturb(module)
+    perturb(module)
     checkpoint: dict[str, Any] = {}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "c.ckpt")

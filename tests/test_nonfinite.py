@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BERT, TOKENIZER, sentiment_files, write_recipe
-from test_cli import tiny_recipe
+from helpers import tiny_recipe
 
 from framework.cli import main
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import TINY_BERT, TINY_GPT2, TINY_LLAMA, TOKENIZER, write_recipe
-from test_training import LossRecorder, trainer
+from helpers import SHARP_BERT, LossRecorder, alone_and_padded, perturb, trainer
 
 from framework.data import ClassificationData, InstructionData
 from framework.method import MergeNotSupportedError
@@ -30,7 +30,6 @@ LR = {"prompt": 0.03, "ptuning": 0.01, "prefix": 0.01}
 LR_LM = {"prompt": 0.1, "ptuning": 0.1, "prefix": 0.03}
 # a tiny encoder whose random attention is not near-uniform (as the decoders' 0.3 init) and
 # without dropout, so that a frozen-head classification loss falls smoothly in a few steps
-SHARP_BERT = {**TINY_BERT, "initializer_range": 0.3, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
 def recipe(backbone: dict[str, Any], key: str, task: str | None = None, **model: Any) -> dict[str, Any]:
@@ -116,23 +115,10 @@ def test_prompt_tuning_trains_under_gradient_checkpointing(build):
 # -- masks: padding does not change a sequence's outputs -------------------------------------
 
 
-def _alone_and_padded(module, short: int = 5, long: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of a sequence alone, and of the same sequence right-padded in a batch."""
-    module.eval()
-    a = torch.randint(1000, 2000, (1, short))
-    ids = torch.zeros(2, long, dtype=torch.long)
-    ids[0, :short], ids[1] = a[0], torch.randint(1000, 2000, (long,))
-    mask = (ids != 0).long()
-    with torch.no_grad():
-        alone = module.model(input_ids=a, attention_mask=torch.ones_like(a)).logits[0]
-        batch = module.model(input_ids=ids, attention_mask=mask).logits[0]
-    return alone, batch
-
-
 @pytest.mark.parametrize("key", list(METHODS))
 def test_padding_does_not_change_an_encoder_sequence(build, key):
     module = build(recipe(TINY_BERT, key))
-    alone, batch = _alone_and_padded(module)
+    alone, batch = alone_and_padded(module)
     assert batch.shape == (2,)
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=0)
 
@@ -141,7 +127,7 @@ def test_padding_does_not_change_an_encoder_sequence(build, key):
 @pytest.mark.parametrize("backbone", [TINY_GPT2, TINY_LLAMA], ids=["gpt2", "llama"])
 def test_padding_does_not_change_a_decoder_sequence(build, key, backbone):
     module = build(recipe(backbone, key, "CausalLM"))
-    alone, batch = _alone_and_padded(module)
+    alone, batch = alone_and_padded(module)
     assert alone.shape == (5, backbone["vocab_size"])  # virtual positions are dropped from the logits
     torch.testing.assert_close(batch[:5], alone, atol=1e-4, rtol=1e-5)
 
@@ -221,17 +207,10 @@ def test_fw_fit_then_predict_generates_with_prefix_tuning(tmp_path, instruction_
 # -- checkpoints and the stored form ---------------------------------------------------------
 
 
-def _perturb(module) -> None:
-    with torch.no_grad():
-        for p in module.model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-
-
 @pytest.mark.parametrize("key", list(METHODS))
 def test_adapter_only_checkpoint_round_trip(build, tmp_path, key):
     module = build(recipe(TINY_BERT, key), seed=1)
-    _perturb(module)
+    perturb(module)
     checkpoint: dict[str, Any] = {}
     module.on_save_checkpoint(checkpoint)
     prefix = "model.prefix_encoder." if key == "prefix" else "model.prompt_encoder."
@@ -251,7 +230,7 @@ def test_ptuning_stores_only_the_encoder_output_and_it_suffices(build, key):
     from fw_ptuning import STORED_KEY
 
     module = build(recipe(TINY_LLAMA, key, "CausalLM"), seed=1)
-    _perturb(module)
+    perturb(module)
     stored = module.method.stored_state_dict(module.model)
     assert list(stored) == [STORED_KEY] and stored[STORED_KEY].shape == (4, TINY_LLAMA["hidden_size"])
     counts = module.param_counts()

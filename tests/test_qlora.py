@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BERT, TINY_GPT2, TINY_LLAMA, TOKENIZER, lora_recipe, write_recipe
+from helpers import LossRecorder, classification_data, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_training import LossRecorder, classification_data, trainer
 from torch import nn
 
 from framework.data import InstructionData

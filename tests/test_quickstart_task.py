@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_training import LossRecorder, trainer
+from helpers import LossRecorder, trainer
 
 from framework.data import ClassificationData
 

@@ -8,39 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_BERT, TINY_LLAMA, lora_recipe
-from lightning.pytorch import Callback, Trainer
+from helpers import LossRecorder, classification_data, trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from framework.data import ClassificationData, InstructionData
+from framework.data import InstructionData
 from framework.tasks import CausalLM
-
-
-class LossRecorder(Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.start_step: int | None = None
-        self.start_optimizer_state: dict | None = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.start_step = trainer.global_step
-        state = trainer.optimizers[0].state_dict()["state"]
-        self.start_optimizer_state = {k: {n: t.clone() for n, t in v.items()} for k, v in state.items()}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
-def trainer(tmp_path: Path, max_steps: int, *callbacks: Callback, **kwargs) -> Trainer:
-    return Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-        limit_val_batches=0, callbacks=list(callbacks), enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        **kwargs,
-    )
-
-
-def classification_data(files: dict[str, str], batch_size: int = 16) -> ClassificationData:
-    return ClassificationData(data_files=files, batch_size=batch_size)
 
 
 def test_loss_falls_and_frozen_weights_stay_bitwise_equal(build, sentiment_csv, tmp_path):
