@@ -17,9 +17,9 @@ pytestmark = pytest.mark.distributed
 
 #: no dropout anywhere, so a 2-process run and a 1-process run compute the same thing
 QUIET_BERT = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-DDP_METHODS = {
-    "lora": {"class_path": "lora", "init_args": {"r": 4}},
-    "prompt": {"class_path": "prompt", "init_args": {"num_virtual_tokens": 4}},
+DDP_METHODS = {  # LoRA and prompt tuning in one run (composed): one pair of processes for both
+    "lora+prompt": {"class_path": "compose", "init_args": {"methods": [
+        {"class_path": "lora", "init_args": {"r": 4}}, {"class_path": "prompt", "init_args": {"num_virtual_tokens": 4}}]}},
     "fisher": {"class_path": "fisher", "init_args": {"fraction": 0.01, "num_samples": 32}},
 }
 
@@ -76,9 +76,9 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(name, se
 
 # -- FSDP -------------------------------------------------------------------------------------
 
-FSDP_METHODS = {
-    "lora": {"class_path": "lora", "init_args": {"r": 4}},
-    "pfeiffer": {"class_path": "pfeiffer", "init_args": {"reduction_factor": 2}},
+FSDP_METHODS = {  # LoRA on attention and Pfeiffer adapters on the FFN, sharded in one run
+    "lora+pfeiffer": {"class_path": "compose", "init_args": {"methods": [
+        {"class_path": "lora", "init_args": {"r": 4}}, {"class_path": "pfeiffer", "init_args": {"reduction_factor": 2}}]}},
 }
 
 

@@ -84,14 +84,14 @@ def killed_at(step: int, files: dict[str, str], tmp_path: Path) -> Path:
 
 
 def test_resumed_runs_end_where_the_uninterrupted_run_ends(files, tmp_path):
-    """Resumed mid-epoch, at an epoch's end and in the last epoch, from checkpoints and after
+    """Resumed mid-epoch in the last epoch from a kept checkpoint, and after
     kill -9 (at an epoch boundary and mid-epoch): the final adapter is the uninterrupted one's."""
     root = tmp_path / "whole"
     path = write_recipe(tmp_path / "whole.yaml", recipe(root, files))
     assert main(["fit", "--config", path]) == 0
     whole = root / "runs" / "r" / "version_0"
     reference = adapter(whole)
-    for step in (2, 7):  # from a kept checkpoint: mid-epoch in the first and in the last epoch
+    for step in (7,):  # from a kept checkpoint: mid-epoch in the last epoch
         assert main(["fit", "--config", path, "--ckpt_path", str(whole / "checkpoints" / f"step={step}.ckpt")]) == 0
         resumed = sorted((root / "runs" / "r").glob("version_*"))[-1]
         assert_same_adapter(adapter(resumed), reference)
