@@ -382,7 +382,7 @@ def bench_main(argv: list[str]) -> int:
         config.output_dir = args.output_dir
     records = runner.run_matrix(config)
     out = Path(config.output_dir)
-    rows = report.write(records, out, f"fw bench: {Path(args.config).stem}")
+    rows = report.write(records, out, f"fw bench: {Path(args.config).stem}", config.claims)
     if config.wandb is not None:
         report.to_wandb(rows, out, config.wandb)
     print((out / "results.md").read_text())

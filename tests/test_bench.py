@@ -152,6 +152,9 @@ def test_fw_over_peft_is_the_median_of_same_seed_ratios():
 
 def test_claims_of_the_seeds_are_checked_from_the_rows():
     from framework.bench import claims
+    from framework.bench.runner import BenchConfig
+
+    seeds = BenchConfig.load(Path(__file__).parents[1] / "recipes" / "bench" / "cpu-minilm.yaml").claims
 
     def row(stored: int, trainable: int, base: float = 1.0, unmerged: float = 1.0, merged: float | None = None,
             spread: float | None = 0.01) -> dict:
@@ -162,7 +165,7 @@ def test_claims_of_the_seeds_are_checked_from_the_rows():
     rows = {"full": {**row(100, 100), "peak_memory_bytes": 2**31, "median_step_seconds": 1.0},
             "ia3": row(10, 12, merged=1.01), "lora": row(20, 22, unmerged=1.2, merged=1.10), "prefix": row(30, 300),
             "pfeiffer": row(40, 42, unmerged=1.3), "prompt": row(5, 7)}
-    verdicts = {c["claim"]: c for c in claims.check(rows)}
+    verdicts = {c["claim"]: c for c in claims.check(rows, seeds)}
     assert len(verdicts) == 8  # the claims that need a BitFit row are skipped
     assert verdicts["IA³ stores fewer parameters than LoRA, which stores fewer than prefix tuning"]["holds"]
     assert verdicts["Merged IA³ adds no inference latency over the base model"]["holds"]  # +1 % is within the 2 % floor
@@ -171,8 +174,8 @@ def test_claims_of_the_seeds_are_checked_from_the_rows():
     adapters = "Serial adapters add inference latency (extra layers run in sequence)"
     assert verdicts[adapters]["holds"] is True
     rows["pfeiffer"]["latency_spread"] = 0.2  # +30 % within 2 x 20 %: cannot tell either way
-    assert {c["claim"]: c for c in claims.check(rows)}[adapters]["holds"] is None
-    assert "cannot tell (within noise)" in claims.markdown(claims.check(rows))
+    assert {c["claim"]: c for c in claims.check(rows, seeds)}[adapters]["holds"] is None
+    assert "cannot tell (within noise)" in claims.markdown(claims.check(rows, seeds))
     rows["lora"]["latency_spread"] = 0.06  # a noisy run: +10 % is within 2 x 6 %
-    assert {c["claim"]: c for c in claims.check(rows)}["Merged LoRA adds no inference latency over the base model"]["holds"]
-    assert "## Claims of the seed documents" in claims.markdown(claims.check(rows))
+    assert {c["claim"]: c for c in claims.check(rows, seeds)}["Merged LoRA adds no inference latency over the base model"]["holds"]
+    assert "## Claims of the seed documents" in claims.markdown(claims.check(rows, seeds))

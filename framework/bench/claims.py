@@ -1,11 +1,12 @@
-"""The qualitative claims of fw's seed documents (../shared/seeds: PEFT comparisons, memory
-footprints, a taxonomy) that a benchmark matrix can check, checked on its aggregated rows.
+"""Qualitative claims (the seed documents': PEFT comparisons, memory footprints, a taxonomy)
+checked on a benchmark matrix's aggregated rows.
 
-Each check needs certain rows (methods by bench name) and is skipped when a matrix lacks
-them. A verdict is the measured comparison, not an opinion: ``holds`` is True, False, or
-None where a claimed difference is smaller than the noise (cannot tell), and ``evidence``
-gives the figures. Latency is "within noise" when the difference is below
-:func:`latency_noise`.
+The claims themselves, with the rows (methods by bench name) each compares, are data of the
+bench config (``claims:`` in ``recipes/bench/*.yaml``); this module holds the generic checks
+they name. A claim is skipped when the matrix lacks one of its rows. A verdict is the
+measured comparison, not an opinion: ``holds`` is True, False, or None where a claimed
+difference is smaller than the noise (cannot tell), and ``evidence`` gives the figures.
+Latency is "within noise" when the difference is below :func:`latency_noise`.
 """
 
 from __future__ import annotations
@@ -72,36 +73,39 @@ def _least_memory(rows: Rows, name: str, others: list[str]) -> tuple[bool, str]:
         f"{o} {v / 2**20:,.0f}" for o, v in rest.items())
 
 
-PEFT_ROWS = ["lora", "ia3", "bitfit", "prefix", "pfeiffer"]
-
-#: (claim as the seeds state it, the rows it needs, the check)
-CLAIMS: list[tuple[str, list[str], Callable[[Rows], tuple[bool | None, str]]]] = [
-    ("IA³ stores fewer parameters than LoRA, which stores fewer than prefix tuning",
-     ["ia3", "lora", "prefix"], lambda r: _stored(r, "ia3", "lora", "prefix")),
-    ("Merged LoRA adds no inference latency over the base model", ["lora"], lambda r: _merged_free(r, "lora")),
-    ("Merged IA³ adds no inference latency over the base model", ["ia3"], lambda r: _merged_free(r, "ia3")),
-    ("Merged BitFit adds no inference latency over the base model", ["bitfit"], lambda r: _merged_free(r, "bitfit")),
-    ("Serial adapters add inference latency (extra layers run in sequence)", ["pfeiffer"],
-     lambda r: _slower_than_base(r, "pfeiffer")),
-    ("Prompt tuning trains the fewest parameters of the PEFT methods", ["prompt", *PEFT_ROWS],
-     lambda r: _fewest_trainable(r, "prompt", PEFT_ROWS)),
-    ("Prompt tuning has the smallest training memory of the PEFT methods", ["prompt", *PEFT_ROWS],
-     lambda r: _least_memory(r, "prompt", PEFT_ROWS)),
-    ("LoRA needs less training memory than full fine-tuning", ["lora", "full"], lambda r: _less_memory_than_full(r, "lora")),
-    ("Prompt tuning needs less training memory than full fine-tuning", ["prompt", "full"],
-     lambda r: _less_memory_than_full(r, "prompt")),
-    ("A LoRA training step is faster than a full fine-tuning step", ["lora", "full"], lambda r: _faster_step_than_full(r, "lora")),
-    ("LoRA comes near full fine-tuning's task score (≥ 97 %)", ["lora", "full"], lambda r: _near_full(r, "lora")),
-]
+#: the checks a bench config's ``claims`` can name: (check(rows, *its rows[, others]), rows it
+#: always needs besides the claim's own)
+CHECKS: dict[str, tuple[Callable[..., tuple[bool | None, str]], list[str]]] = {
+    "stored_fewer_in_order": (_stored, []),
+    "merged_adds_no_latency": (_merged_free, []),
+    "slower_than_base": (_slower_than_base, []),
+    "less_memory_than_full": (_less_memory_than_full, ["full"]),
+    "faster_step_than_full": (_faster_step_than_full, ["full"]),
+    "near_full_score": (_near_full, ["full"]),
+    "fewest_trainable": (_fewest_trainable, []),
+    "least_memory": (_least_memory, []),
+}
 
 
-def check(rows: Rows) -> list[dict[str, Any]]:
-    """Every claim whose rows the matrix has: ``{"claim", "holds", "evidence"}``."""
+def validate(claims: list[dict[str, Any]], where: str) -> None:
+    """Each claim of a bench config names a known check, the rows it needs, and its text."""
+    for i, claim in enumerate(claims):
+        if not isinstance(claim, dict) or not {"claim", "check", "rows"} <= claim.keys():
+            raise ValueError(f"{where}: claims[{i}]: expected a mapping with claim, check and rows (and optionally others)")
+        if claim["check"] not in CHECKS:
+            raise ValueError(f"{where}: claims[{i}].check: unknown {claim['check']!r}; known: {', '.join(CHECKS)}")
+
+
+def check(rows: Rows, claims: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every claim whose rows the matrix has: ``{"claim", "holds", "evidence"}``. ``claims``
+    come from the bench config: ``{claim: text, check: name in CHECKS, rows: [...], others: [...]}``."""
     out = []
-    for claim, needs, test in CLAIMS:
-        if all(n in rows for n in needs):
-            holds, evidence = test(rows)
-            out.append({"claim": claim, "holds": holds, "evidence": evidence})
+    for claim in claims:
+        others = list(claim.get("others", []))
+        test, needs = CHECKS[claim["check"]]
+        if all(n in rows for n in [*claim["rows"], *others, *needs]):
+            holds, evidence = test(rows, *claim["rows"], others) if others else test(rows, *claim["rows"])
+            out.append({"claim": claim["claim"], "holds": holds, "evidence": evidence})
     return out
 
 

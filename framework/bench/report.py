@@ -163,10 +163,11 @@ def plots(rows: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-def write(records: list[dict[str, Any]], out: Path, title: str) -> dict[str, dict[str, Any]]:
+def write(records: list[dict[str, Any]], out: Path, title: str,
+          claim_list: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(records)
-    checked = claims.check(rows)
+    checked = claims.check(rows, claim_list or [])
     (out / "results.json").write_text(json.dumps({"runs": records, "methods": rows, "claims": checked}, indent=2) + "\n")
     (out / "results.md").write_text(markdown(rows, title) + claims.markdown(checked))
     plots(rows, out)

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from framework.bench import claims
 from framework.config import deep_update
 
 
@@ -44,6 +45,8 @@ class BenchConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     #: WandbLogger arguments (e.g. ``{project: fw-bench}``): every run and the final table go to W&B
     wandb: dict[str, Any] | None = None
+    #: qualitative claims checked on the aggregated rows (framework/bench/claims.py)
+    claims: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path) -> BenchConfig:
@@ -57,6 +60,7 @@ class BenchConfig:
         for name, spec in raw["methods"].items():
             if not isinstance(spec, dict) or "method" not in spec:
                 raise ValueError(f"{path}: methods.{name}: expected a mapping with `method` (null = full fine-tuning)")
+        claims.validate(raw.get("claims", []), str(path))
         base = Path(path).parent
         raw["recipe"] = str((base / raw["recipe"]).resolve()) if not Path(raw["recipe"]).is_file() else raw["recipe"]
         return cls(**raw)
