@@ -15,26 +15,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from framework import forward_context
+from framework.forward_context import ForwardContext
+
 
 class MeanPooling:
-    """Two hooks: one keeps the batch's attention mask, one rewrites the encoder's output."""
+    """A hook on the encoder: its first position becomes the masked mean of its output, over
+    the positions the forward context marks as real (virtual tokens included, padding not)."""
 
-    def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None
-
-    def keep_mask(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.mask = kwargs.get("attention_mask")
+    def __init__(self, context: ForwardContext) -> None:
+        self.context = context
 
     def pool(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         hidden = output[0]
-        mask = self.mask
+        mask = self.context.mask_for(hidden.shape[1], hidden.shape[0])
         if mask is None:
             mask = torch.ones(hidden.shape[:2], device=hidden.device)
-        elif mask.shape[1] < hidden.shape[1]:  # virtual tokens prepended by a prompt method
-            extra = mask.new_ones(mask.shape[0], hidden.shape[1] - mask.shape[1])
-            mask = torch.cat([extra, mask], dim=1)
-        elif mask.shape[1] > hidden.shape[1]:  # the mask also covers prefix key/values in front
-            mask = mask[:, -hidden.shape[1]:]
         weights = mask.to(hidden.dtype)[..., None]
         mean = (hidden * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1)
         pooled = torch.cat([mean, hidden[:, 1:]], dim=1)
@@ -53,6 +49,4 @@ def install(model: nn.Module) -> None:
             f"model.task.pooling: mean pooling needs an encoder whose head reads the first token "
             f"(BERT/RoBERTa-family); {type(model).__name__} has none. Use pooling: cls"
         )
-    hooks = MeanPooling()
-    model.register_forward_pre_hook(hooks.keep_mask, with_kwargs=True)
-    encoder.register_forward_hook(hooks.pool)
+    encoder.register_forward_hook(MeanPooling(forward_context.install(model)).pool)

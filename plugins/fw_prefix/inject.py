@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from framework.forward_context import widened
 from framework.validation import InvalidArgument
 from framework.virtual_inputs import (
     cache_keyword,
@@ -125,6 +126,7 @@ class PrefixInjector:
             kw["attention_mask"] = prepend(mask, p, 1)
         else:  # encoders size their mask from it: make the prefix visible explicitly
             kw["attention_mask"] = torch.ones(batch, past + length, dtype=torch.long, device=device)
+        widened(model, kw["attention_mask"])
         if kw.get("position_ids") is not None:
             kw["position_ids"] = extend_positions(kw["position_ids"], p, 0)
         if kw.get("cache_position") is not None:  # older/remote-code models

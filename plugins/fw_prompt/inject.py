@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from framework.forward_context import widened
 from framework.validation import InvalidArgument
 from framework.virtual_inputs import (
     cache_keyword,
@@ -89,6 +90,7 @@ class VirtualTokenInjector:
             mark(cache, CACHE_MARK, p)
         if kw.get("attention_mask") is not None:
             kw["attention_mask"] = prepend(kw["attention_mask"], p, 1)
+            widened(model, kw["attention_mask"])
         if kw.get("position_ids") is not None:
             kw["position_ids"] = extend_positions(kw["position_ids"], p, p if prefill else 0)
         if kw.get("cache_position") is not None:  # older/remote-code models

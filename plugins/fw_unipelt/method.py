@@ -38,7 +38,8 @@ from __future__ import annotations
 from fw_compose import Compose
 from torch import nn
 
-from framework.gates import PaddingMask, SequenceGate
+from framework import forward_context
+from framework.gates import SequenceGate
 from fw_unipelt.gated import PREFIX_GATES, GatedLoRA, GatedPfeiffer, GatedPrefixTuning
 
 
@@ -79,8 +80,7 @@ class UniPELT(Compose):
 
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
-        padding = PaddingMask()
-        padding.install(model)  # after the prefix's hook: it sees the widened mask
+        padding = forward_context.install(model)  # the prefix's hook writes its widened mask there
         causal = next_token_model(model)
         prefix_gates = set(model.get_submodule(PREFIX_GATES).modules())
         for module in model.modules():
