@@ -44,7 +44,7 @@ from framework.errors import (
 )
 from framework.finite import NonFiniteTrainingError
 from framework.formats.fw import AdapterError, write_fw_adapter
-from framework.formats.source import Adapter, method_class, read_adapter
+from framework.formats.source import Adapter, method_class, plain, read_adapter
 from framework.method import ExportNotSupportedError
 from framework.module import PeftModule
 from framework.predictions import PredictionWriter
@@ -290,8 +290,7 @@ def construction_error(err: BaseException, method_config: Any) -> str:
     cause = find_cause(err)
     if cause is None or cause.argument.startswith("model."):
         return essential(str(err))
-    plain = method_config.as_dict() if hasattr(method_config, "as_dict") else method_config
-    return str(cause.under(failing_part(plain, "model.method")))
+    return str(cause.under(failing_part(plain(method_config), "model.method")))
 
 
 def failing_part(config: Any, path: str) -> str:

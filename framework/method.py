@@ -58,6 +58,12 @@ def copy_parameters(model: nn.Module, state: dict[str, torch.Tensor], owner: str
             params[name].copy_(value)
 
 
+def load_trainable_parameters(model: nn.Module, state: dict[str, torch.Tensor], owner: str) -> None:
+    """Copy ``state`` into exactly ``model``'s trainable parameters (keys and shapes checked)."""
+    check_state_dict({n: p for n, p in model.named_parameters() if p.requires_grad}, state, owner)
+    copy_parameters(model, state, owner)
+
+
 class MergeNotSupportedError(NotImplementedError):
     """Raised by :meth:`PeftMethod.merge` for methods whose math cannot fold into the weights."""
 
@@ -130,9 +136,7 @@ class PeftMethod(ABC):
     def load_trainable_state_dict(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
         """Load every trainable parameter (what the default :meth:`trainable_state_dict`
         returns); a missing, unknown or differently shaped tensor is an error."""
-        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        check_state_dict(trainable, state_dict, type(self).__name__)
-        copy_parameters(model, state_dict, type(self).__name__)
+        load_trainable_parameters(model, state_dict, type(self).__name__)
 
     def stored_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What a finished run stores for deployment (e.g. a flattened prefix, not its MLP): the

@@ -28,7 +28,7 @@ from framework.sharding import full_tensor, is_sharded, shard_like, shard_model
 from framework.targeting import head_module_names
 from framework.tasks import Classification, Task
 from framework.tree import render_tree
-from framework.validation import method_errors
+from framework.validation import InvalidArgument, method_errors
 
 CHECKPOINT_KEY = "fw"
 
@@ -180,10 +180,11 @@ class PeftModule(LightningModule):
             self._refuse_unshardable()
         if stage == "fit" and self.method is not None:
             try:
-                with method_errors(FieldError):
-                    self.method.prepare(self.prepare_context(datamodule))
-            except ValueError as err:  # a plugin's refusal of the recipe (its strategy, its data)
-                raise err if isinstance(err, FieldError) else FieldError(str(err)) from err
+                self.method.prepare(self.prepare_context(datamodule))
+            except InvalidArgument as err:
+                raise FieldError(str(err.under("model.method"))) from err
+            except ValueError as err:  # a plugin's other refusals of the recipe (its data, ...)
+                raise FieldError(str(err)) from err
 
     def _sharding(self) -> bool:
         """Whether the trainer's strategy shards the model's weights (FSDP)."""
@@ -343,6 +344,13 @@ class PeftModule(LightningModule):
         else:
             state = self.method.trainable_state_dict(self.model)
         return {k: full_tensor(v) for k, v in state.items()}
+
+    def stored_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a finished run keeps (the method's stored form: a flat prefix, not its MLP; full
+        fine-tuning: every trained weight), as full tensors like :meth:`adapter_state_dict`."""
+        if self.method is None:
+            return self.adapter_state_dict()
+        return {k: full_tensor(v) for k, v in self.method.stored_state_dict(self.model).items()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.adapter_state_dict().items()}

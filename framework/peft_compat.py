@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from framework.method import ExportNotSupportedError, PeftAdapter
@@ -100,3 +101,8 @@ def virtual_token_adapter(method: Any, model: nn.Module, config: dict[str, Any])
     }
     return PeftAdapter(config, {"prompt_embeddings": table})
 
+
+
+def virtual_token_weights(method: Any, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's ``prompt_embeddings`` (and the head) as a virtual-token method's stored form."""
+    return {method.stored_key if key == "prompt_embeddings" else key: value for key, value in weights.items()}

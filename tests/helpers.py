@@ -84,3 +84,19 @@ def perturb(module: Any) -> None:
         for p in module.model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
+
+
+def trained_module(model_config: dict[str, Any], seed: int = 0) -> Any:
+    """A module as if trained, without the training: built under ``seed``, FISH's mask
+    calibrated on one batch, every trainable parameter moved off its initialisation; in eval
+    mode (what the export and loading tests compare logits of)."""
+    from conftest import padded_ids, perturb_trainable
+
+    from framework.cli import build_module
+
+    torch.manual_seed(seed)
+    module = build_module(model_config)
+    if (model_config.get("method") or {}).get("class_path") == "fisher":
+        batch = {**padded_ids(), "labels": torch.tensor([0, 1, 1])}
+        module.method.select(module.model, lambda b: module.task.step(module.model, b)[0], [batch], progress=False)
+    return perturb_trainable(module)

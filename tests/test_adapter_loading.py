@@ -8,19 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_BERT, TOKENIZER, perturb_trainable, write_recipe
-from helpers import tiny_recipe
+from conftest import TINY_BERT, TOKENIZER, write_recipe
+from helpers import tiny_recipe, trained_module
 
-from framework.cli import build_module, main
+from framework.cli import main
 from framework.formats.fw import write_fw_adapter
 from framework.formats.peft import write_peft_adapter
 from framework.strategies import FSDP
 
 
 def _adapter(tmp_path: Path, name: str, method: dict, backbone: dict | None = None, fmt: str = "fw") -> str:
-    torch.manual_seed(0)
-    module = perturb_trainable(build_module({"backbone": backbone or {"config": TINY_BERT, "tokenizer": TOKENIZER},
-                                             "method": method}))
+    module = trained_module({"backbone": backbone or {"config": TINY_BERT, "tokenizer": TOKENIZER}, "method": method})
     (write_fw_adapter if fmt == "fw" else write_peft_adapter)(module, tmp_path / name)
     return str(tmp_path / name)
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_BERT, TOKENIZER, padded_ids, perturb_trainable
+from conftest import TINY_BERT, TOKENIZER, padded_ids
+from helpers import trained_module
 from safetensors.torch import save_file
 
 from framework import registry
@@ -38,13 +39,7 @@ def recipe(method: str | None, base: dict[str, Any] | None = None, **args: Any) 
             "method": None if method is None else {"class_path": method, "init_args": args}}
 
 
-def trained(model_config: dict[str, Any]):
-    torch.manual_seed(0)
-    module = build_module(model_config)
-    if model_config["method"] and model_config["method"]["class_path"] == "fisher":  # calibrate its mask
-        batch = {**padded_ids(), "labels": torch.tensor([0, 1, 1])}
-        module.method.select(module.model, lambda b: module.task.step(module.model, b)[0], [batch], progress=False)
-    return perturb_trainable(module)
+trained = trained_module  # built under seed 0, FISH calibrated, trainable parameters moved
 
 
 def logits(module, batch) -> torch.Tensor:
@@ -71,7 +66,10 @@ def test_every_method_round_trips_through_fws_format(name, tmp_path):
     fresh = build_module(rebuilt)
     assert not torch.equal(logits(fresh.eval(), batch), ours)
     adapter.load_into(fresh)
-    torch.testing.assert_close(logits(fresh.eval(), batch), ours, rtol=0, atol=0)
+    # PEFT's prefix MLP runs on the batch's expanded prompt tokens in training and once on a
+    # single row for its saved prompt: another GEMM shape, so rounding may differ (3e-8 seen)
+    atol = 1e-6 if name == "peft_prefix" else 0
+    torch.testing.assert_close(logits(fresh.eval(), batch), ours, rtol=0, atol=atol)
     assert fresh.param_counts().stored_params == module.param_counts().stored_params
 
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_BERT, TOKENIZER, padded_ids, perturb_trainable, write_recipe
+from conftest import TINY_BERT, TOKENIZER, padded_ids, write_recipe
+from helpers import trained_module
 
 from framework.cli import build_module, main
 from framework.formats.fw import write_fw_adapter
@@ -31,8 +32,7 @@ def recipe(base: str, method: str, task: dict | None = None, **args: Any) -> dic
 
 
 def trained(model_config: dict[str, Any]):
-    torch.manual_seed(1)
-    return perturb_trainable(build_module(model_config))
+    return trained_module(model_config, seed=1)
 
 
 def fw_logits(module, batch) -> torch.Tensor:
@@ -219,12 +219,7 @@ def one_error_line(capsys) -> str:
 
 
 def _fw_adapter(tmp_path, name: str, model_config: dict[str, Any]) -> str:
-    module = trained(model_config)
-    if (model_config.get("method") or {}).get("class_path") == "fisher":  # the mask comes from a calibration pass
-        ids = padded_ids()
-        module.method.select(module.model, lambda b: module.task.step(module.model, b)[0],
-                             [{**ids, "labels": torch.tensor([0, 1, 1])}], progress=False)
-    return str(write_fw_adapter(module, tmp_path / name))
+    return str(write_fw_adapter(trained(model_config), tmp_path / name))
 
 
 REFUSED = {

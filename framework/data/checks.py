@@ -10,7 +10,6 @@ finds it in the file (CSV: its line, counting the header as line 1; JSON lines: 
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,38 +31,83 @@ def locator(path: str) -> Locate:
     return lambda i: f"record {i + 1}"
 
 
+class _Lines:
+    """A binary file's lines decoded as UTF-8 and counted, one at a time."""
+
+    def __init__(self, file: Any, where: str) -> None:
+        self.file = file
+        self.where = where
+        self.count = 0
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        raw = next(self.file)
+        self.count += 1
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise FieldError(
+                f"{self.where}: not UTF-8 (byte 0x{raw[err.start]:02x} on line {self.count}); save the file as UTF-8"
+            ) from err
+
+
 def check_file(path: str, field: str) -> list[str] | None:
     """The file can be read as what its suffix says, and has at least one row; returns its
-    columns (None for parquet, which ``datasets`` reads itself)."""
+    columns (None for parquet, which ``datasets`` reads itself). One streaming pass: the file
+    is not held in memory (``datasets`` reads it next), but a whole-document JSON file."""
     file = Path(path)
     if file.suffix == ".parquet":
         return None
-    raw = file.read_bytes()
-    if not raw.strip():
-        raise FieldError(f"{field}: {path}: the file is empty")
+    where = f"{field}: {path}"
+    with file.open("rb") as f:
+        lines = _Lines(f, where)
+        if file.suffix in (".csv", ".tsv"):
+            columns = _csv_columns(lines, "\t" if file.suffix == ".tsv" else ",", where)
+        else:
+            columns = _json_columns(lines, where)
+        for _ in lines:  # the rest must decode too
+            pass
+    return columns
+
+
+def _csv_columns(lines: _Lines, delimiter: str, where: str) -> list[str]:
+    rows = csv.reader(lines, delimiter=delimiter)
+    header = next(rows, None)
+    if not header or not any(cell.strip() for cell in header):
+        raise FieldError(f"{where}: the file is empty")
+    if not any(any(cell.strip() for cell in row) for row in rows):
+        raise FieldError(f"{where}: no rows (only the header {header})")
+    return header
+
+
+def _json_columns(lines: _Lines, where: str) -> list[str]:
+    """JSON lines (one object per line, checked line by line), or one JSON document holding a
+    list of objects."""
+    first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        raise FieldError(f"{where}: the file is empty")
+    number = lines.count
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise FieldError(
-            f"{field}: {path}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); save the file as UTF-8"
-        ) from err
-    if file.suffix in (".csv", ".tsv"):
-        rows = list(csv.reader(io.StringIO(text), delimiter="\t" if file.suffix == ".tsv" else ","))
-        if len([r for r in rows[1:] if any(cell.strip() for cell in r)]) == 0:
-            raise FieldError(f"{field}: {path}: no rows (only the header {rows[0]})")
-        return rows[0]
-    try:
-        records = json.loads(text)  # one JSON document (a list of records)
+        record = json.loads(first)
     except json.JSONDecodeError:
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        record = None
+    if isinstance(record, dict):
+        for line in lines:
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise FieldError(f"{field}: {path}: line {number} is not valid JSON ({err.msg})") from err
+                    raise FieldError(f"{where}: line {lines.count} is not valid JSON ({err.msg})") from err
+        return sorted(record)
+    text = first + "".join(lines)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FieldError(f"{where}: line {number + err.lineno - 1} is not valid JSON ({err.msg})") from err
     if not isinstance(records, list) or not records or not isinstance(records[0], dict):
-        raise FieldError(f"{field}: {path}: expected JSON records (one object per line, or a list of objects)")
+        raise FieldError(f"{where}: expected JSON records (one object per line, or a list of objects)")
     return sorted(records[0])
 
 

@@ -25,7 +25,6 @@ from torch import nn
 
 from framework.atomic_save import write_atomically
 from framework.config import to_config
-from framework.sharding import full_tensor
 
 FORMAT = "fw-adapter"
 FORMAT_VERSION = 1
@@ -68,14 +67,9 @@ def architecture(model: nn.Module) -> dict[str, Any]:
 
 
 def stored_state(module: Any) -> dict[str, torch.Tensor]:
-    """The module's stored form as full, contiguous CPU tensors (every rank must call this
-    under FSDP: gathering shards is a collective)."""
-    method = module.method
-    if method is None:
-        state = {n: p.detach() for n, p in module.model.named_parameters() if p.requires_grad}
-    else:
-        state = method.stored_state_dict(module.model)
-    return {k: full_tensor(v).detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    """The module's stored form as contiguous CPU tensors of their own (every rank must call
+    this under FSDP: gathering shards is a collective)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.stored_state_dict().items()}
 
 
 def metadata(module: Any) -> dict[str, Any]:

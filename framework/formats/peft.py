@@ -57,21 +57,21 @@ def to_peft(module: Any) -> PeftAdapter:
     prefix = prefix_of(peft_type)
     weights = {k if k == "prompt_embeddings" else prefix + k: v for k, v in adapter.weights.items()}
     heads = trained_heads(module)
-    stored = module.method.stored_state_dict(module.model)
-    for key, value in stored.items():
-        if any(key.startswith(h + ".") for h in heads):
-            weights[prefix + key] = value
+    for head in heads:  # trained as they are: the head's stored form is its parameters
+        for name, value in module.model.get_submodule(head).named_parameters():
+            weights[f"{prefix}{head}.{name}"] = value.detach()
     notes = list(adapter.notes)
-    if module.backbone.name_or_path is not None and module.backbone.resolve().gguf_file:
-        source = module.backbone.resolve()
+    base = config_base(module)
+    source = module.backbone.resolve() if module.backbone.name_or_path is not None else None
+    if source is not None and source.gguf_file:
         notes.append(
-            f"the base is a GGUF file: {type(module.model).__name__}.from_pretrained('{config_base(module)}', "
+            f"the base is a GGUF file: {type(module.model).__name__}.from_pretrained('{base}', "
             f"gguf_file='{source.gguf_file}', dtype=torch.{module.backbone.dtype if module.backbone.dtype != 'auto' else 'float32'})"
         )
     config = {
         **adapter.config,
         "task_type": module.task.peft_task_type or None,
-        "base_model_name_or_path": config_base(module),
+        "base_model_name_or_path": base,
         "modules_to_save": heads or None,
         "inference_mode": True,
     }

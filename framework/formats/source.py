@@ -30,11 +30,9 @@ from framework.config import to_config
 from framework.formats import fw as fw_format
 from framework.formats import peft as peft_format
 from framework.formats.fw import AdapterError, architecture
-from framework.method import PeftMethod
-
-CHECKPOINT_KEY = "fw"  # framework.module.CHECKPOINT_KEY: where a checkpoint keeps fw's own entry
-#: task fields that must agree between the adapter and the recipe (the head's shape, pooling)
-TASK_FIELDS = ("num_labels", "pooling")
+from framework.method import PeftMethod, load_trainable_parameters
+from framework.module import CHECKPOINT_KEY
+from framework.settings import TASK_FIELDS
 
 
 def canonical(cls: type) -> str:
@@ -65,14 +63,14 @@ def _class_paths(config: Any) -> list[str]:
     return []
 
 
-def _plain(config: Any) -> Any:
+def plain(config: Any) -> Any:
     """A jsonargparse Namespace (or anything else) as plain dicts and lists."""
     if hasattr(config, "as_dict"):
         return config.as_dict()
     if isinstance(config, dict):
-        return {k: _plain(v) for k, v in config.items()}
+        return {k: plain(v) for k, v in config.items()}
     if isinstance(config, list):
-        return [_plain(v) for v in config]
+        return [plain(v) for v in config]
     return config
 
 
@@ -100,7 +98,7 @@ class Adapter:
 
     def method_config(self, recipe_method: Any) -> dict[str, Any] | None:
         """``model.method`` for this adapter (``recipe_method``: the recipe's, or None)."""
-        recipe_method = _plain(recipe_method)
+        recipe_method = plain(recipe_method)
         recipe_cls = method_class(recipe_method)
         if self.kind == "peft":
             return self._peft_method(recipe_method, recipe_cls)
@@ -149,7 +147,7 @@ class Adapter:
         """The ``model`` config update that builds this adapter's module from the recipe's:
         the method, whether the head trained, and a ``config`` backbone's seed when the recipe
         leaves it open (the random weights the adapter was trained on)."""
-        recipe_model = _plain(recipe_model) or {}
+        recipe_model = plain(recipe_model) or {}
         update: dict[str, Any] = {"method": self.method_config(recipe_model.get("method"))}
         if self.head_trained() is not None:
             update["train_head"] = self.head_trained()
@@ -175,11 +173,7 @@ class Adapter:
             if self.kind == "checkpoint":
                 module.load_state_dict({f"model.{k}": v for k, v in self.state.items()})
             elif module.method is None:
-                from framework.method import check_state_dict, copy_parameters
-
-                expected = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
-                check_state_dict(expected, self.state, "full fine-tuning")
-                copy_parameters(module.model, self.state, "full fine-tuning")
+                load_trainable_parameters(module.model, self.state, "full fine-tuning")
             else:
                 module.method.load_stored_state_dict(module.model, self._stored(module))
         except (KeyError, ValueError) as err:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from framework.method import PeftAdapter, PeftMethod, load_stored_output
-from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
+from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter, virtual_token_weights
 from framework.validation import positive_int
 from fw_prefix.encoder import PrefixEncoder
 from fw_prefix.inject import MODULE_NAME, add_prefix
@@ -110,7 +110,7 @@ class PrefixTuning(PeftMethod):
         }
 
     def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {STORED_KEY if key == "prompt_embeddings" else key: value for key, value in weights.items()}
+        return virtual_token_weights(self, weights)
 
 
 __all__ = ["PrefixTuning", "STORED_KEY"]

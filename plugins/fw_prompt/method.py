@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from framework.method import PeftAdapter, PeftMethod
-from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
+from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter, virtual_token_weights
 from framework.validation import InvalidArgument, one_of, positive_int
 from fw_prompt.embedding import PromptEmbedding
 from fw_prompt.inject import MODULE_NAME, add_virtual_tokens
@@ -95,7 +95,7 @@ class PromptTuning(PeftMethod):
         return {"num_virtual_tokens": int(config["num_virtual_tokens"]), "init": "random"}
 
     def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {self.stored_key if key == "prompt_embeddings" else key: value for key, value in weights.items()}
+        return virtual_token_weights(self, weights)
 
 
 __all__ = ["PromptTuning"]

@@ -25,7 +25,7 @@ from fw_prompt import MODULE_NAME, add_virtual_tokens
 from torch import nn
 
 from framework.method import PeftAdapter, PeftMethod, load_stored_output
-from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
+from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter, virtual_token_weights
 from framework.validation import one_of, optional_positive_int, positive_int, probability
 from fw_ptuning.encoder import PromptEncoder
 
@@ -124,7 +124,7 @@ class PTuning(PeftMethod):
         }
 
     def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {STORED_KEY if key == "prompt_embeddings" else key: value for key, value in weights.items()}
+        return virtual_token_weights(self, weights)
 
 
 __all__ = ["PTuning", "STORED_KEY"]
