@@ -10,6 +10,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fw-installed
 PYTEST_ARGS ?=
+# one pytest worker per core, each file on one worker (its module fixtures built once)
+WORKERS ?= 2
+XDIST := -n $(WORKERS) --dist loadfile
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -31,14 +34,14 @@ quickstart: $(STAMP)
 
 # the fast suite: everything but tests marked slow (GPU tests skip themselves without CUDA)
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # the unit tier: no whole runs, no subprocesses (a minute or so)
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not integration" $(XDIST) $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # ruff (configured in pyproject.toml): errors, warnings, import order, bugbear
 lint: $(STAMP)
