@@ -72,7 +72,7 @@ class ClassificationData(TextDataModule):
             out["text"] = batch[self.text_column]
             return out
 
-        return data.map(tokenize, batched=True, remove_columns=data.column_names, desc=f"tokenizing {split}")
+        return self.tokenized(split, data, tokenize)
 
     def collate(self, split: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [row["text"] for row in rows]

@@ -84,7 +84,7 @@ class InstructionData(TextDataModule):
                 out["reference"].append(ref)
             return out
 
-        return data.map(tokenize, batched=True, remove_columns=data.column_names, desc=f"tokenizing {split}")
+        return self.tokenized(split, data, tokenize)
 
     def collate(self, split: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id

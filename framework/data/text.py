@@ -14,7 +14,9 @@ at random, with ``seed``. The tokenizer is the backbone's; the PeftModule hands 
 
 from __future__ import annotations
 
+import uuid
 from abc import abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +177,19 @@ class TextDataModule(LightningDataModule):
     def check_rows(self, data: datasets.Dataset, where: str, locate: Locate) -> None:
         """Check one loaded data file's columns and rows (``where``: the field and file;
         ``locate(i)``: row ``i`` as the user finds it). Subclasses check what they read."""
+
+    @staticmethod
+    def tokenized(split: str, data: datasets.Dataset, tokenize: Callable[[dict[str, list[Any]]], dict[str, Any]]) -> datasets.Dataset:
+        """``data.map(tokenize)`` over batches, kept in memory and out of datasets' cache.
+
+        datasets names a map's result by hashing ``tokenize`` with dill unless it is given a
+        fingerprint, and a closure over a DataModule reaches its trainer and the whole model:
+        that hash pickled (and printed) every weight, seconds and twice the model's size in
+        memory for a large backbone. The result is never read back from a cache file, so a
+        fresh fingerprint is correct.
+        """
+        return data.map(tokenize, batched=True, remove_columns=data.column_names, desc=f"tokenizing {split}",
+                        keep_in_memory=True, load_from_cache_file=False, new_fingerprint=uuid.uuid4().hex)
 
     @abstractmethod
     def encode(self, split: str, data: datasets.Dataset) -> datasets.Dataset:
