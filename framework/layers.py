@@ -1,5 +1,5 @@
 """What several method plugins need to know about the layers they wrap: a Linear-like module's
-dimensions, and the dtype a plugin's own weights take."""
+dimensions, the dtype a plugin's own weights take, and a base class for wrappers."""
 
 from __future__ import annotations
 
@@ -29,3 +29,19 @@ def linear_dims(layer: nn.Module) -> tuple[int, int, bool]:
     if type(layer).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight is (in, out)
         return layer.weight.shape[0], layer.weight.shape[1], True
     raise TypeError(f"expected an nn.Linear or GPT-2 Conv1D module, got a {type(layer).__name__}")
+
+
+class WrappedLayer(nn.Module):
+    """A method's wrapper around a model's layer (``base_layer``) that still shows the layer's
+    ``weight`` and ``bias``: models read them from the module they called (T5's feed-forward
+    casts its input to ``wo.weight.dtype``), as Hugging Face PEFT's tuner layers allow."""
+
+    base_layer: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)

@@ -7,6 +7,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from framework.gates import SequenceGate
+from framework.layers import WrappedLayer
 from framework.validation import InvalidArgument
 
 
@@ -34,7 +35,7 @@ class Bottleneck(nn.Module):
         return self.up(self.act(self.down(x.to(dtype))))
 
 
-class _AdapterWrapper(nn.Module):
+class _AdapterWrapper(WrappedLayer):
     """A sub-layer's output projection plus ``scaling · gate(x) · adapter(x)``."""
 
     def __init__(self, base_layer: nn.Module, adapter: Bottleneck, scaling: float,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from framework.layers import linear_dims, weight_dtype
+from framework.layers import WrappedLayer, linear_dims, weight_dtype
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLayer):
     """``y = base(x) * l`` (``scale="output"``) or ``y = base(x * l)`` (``scale="input"``).
 
     ``l`` starts at ones, so the wrapped layer starts equal to the base. Merging multiplies

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from framework.layers import linear_dims, weight_dtype
+from framework.layers import WrappedLayer, linear_dims, weight_dtype
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(WrappedLayer):
     """``y = base(x) + (dropout(x) @ A^T) * scaling @ B^T`` with A (r, in), B (out, r).
 
     A starts kaiming-uniform (a=sqrt(5)) and B at zero, so the wrapped layer starts equal to
