@@ -54,6 +54,25 @@ _NEOX = {
     "ffn_down": ["dense_4h_to_h"],
 }
 
+# encoder-decoders: the names cover encoder self-attention, decoder self-attention and
+# cross-attention alike (T5: SelfAttention / EncDecAttention; BART: self_attn / encoder_attn)
+_T5 = {
+    "query": ["SelfAttention.q", "EncDecAttention.q"],
+    "key": ["SelfAttention.k", "EncDecAttention.k"],
+    "value": ["SelfAttention.v", "EncDecAttention.v"],
+    "attn_out": ["SelfAttention.o", "EncDecAttention.o"],
+    "ffn_up": ["DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1"],
+    "ffn_down": ["DenseReluDense.wo"],
+}
+_BART = {
+    "query": ["q_proj"],
+    "key": ["k_proj"],
+    "value": ["v_proj"],
+    "attn_out": ["self_attn.out_proj", "encoder_attn.out_proj"],
+    "ffn_up": ["fc1"],
+    "ffn_down": ["fc2"],
+}
+
 ROLES: dict[str, dict[str, list[str]]] = {
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "megatron-bert"], _BERT),
     **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "olmo", "olmo2"], _LLAMA),
@@ -73,14 +92,8 @@ ROLES: dict[str, dict[str, list[str]]] = {
         "ffn_up": ["ffn.lin1"],
         "ffn_down": ["ffn.lin2"],
     },
-    "t5": {
-        "query": ["SelfAttention.q", "EncDecAttention.q"],
-        "key": ["SelfAttention.k", "EncDecAttention.k"],
-        "value": ["SelfAttention.v", "EncDecAttention.v"],
-        "attn_out": ["SelfAttention.o", "EncDecAttention.o"],
-        "ffn_up": ["DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1"],
-        "ffn_down": ["DenseReluDense.wo"],
-    },
+    **dict.fromkeys(["t5", "mt5", "umt5"], _T5),
+    **dict.fromkeys(["bart", "mbart", "marian", "pegasus"], _BART),
     "opt": {
         "query": ["q_proj"],
         "key": ["k_proj"],

@@ -39,7 +39,7 @@ class PeftModule(LightningModule):
     Args:
         backbone: the transformers model (pretrained ``name_or_path`` or random-init ``config``).
         method: the PEFT method plugin; None trains every weight (full fine-tuning).
-        task: what is predicted: ``Classification`` or ``CausalLM``.
+        task: what is predicted: ``Classification``, ``CausalLM`` or ``Seq2SeqLM``.
         train_head: train the task head (None: the task's default, yes for classification).
         learning_rate: the optimizer's peak learning rate.
         weight_decay: AdamW's decoupled weight decay (matrices only, not biases and norms).
@@ -170,6 +170,7 @@ class PeftModule(LightningModule):
             )
         if datamodule is not None and getattr(datamodule, "tokenizer", "absent") is None:
             datamodule.tokenizer = self.tokenizer
+        self.task.bind_tokenizer(self.tokenizer)
         names = getattr(datamodule, "label_names", None) if isinstance(self.task, Classification) else None
         if names is not None and len(names) > self.task.num_labels:
             raise FieldError(

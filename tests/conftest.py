@@ -38,6 +38,22 @@ TINY_LLAMA: dict[str, Any] = {
     "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": VOCAB, "max_position_embeddings": 128,
     "bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0, "initializer_range": 0.3,
 }
+# Encoder-decoders (AutoModelForSeq2SeqLM), two layers each side; dropout off so a loss
+# comparison is exact. The decoder starts from pad (T5: its
+# default) or [SEP] (BART, standing in for its </s>).
+TINY_T5: dict[str, Any] = {
+    "model_type": "t5", "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2,
+    "num_heads": 4, "vocab_size": VOCAB, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 102,
+    "dropout_rate": 0.0, "initializer_factor": 1.0,
+    # untied: a tied T5 head rescales by d_model^-0.5, too flat at d_model 32 to leave uniform
+    "tie_word_embeddings": False,
+}
+TINY_BART: dict[str, Any] = {
+    "model_type": "bart", "d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "vocab_size": VOCAB,
+    "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102,
+    "decoder_start_token_id": 102, "forced_eos_token_id": None, "dropout": 0.0, "init_std": 0.3,
+}
 
 POSITIVE = "great wonderful superb moving delightful brilliant charming funny".split()
 NEGATIVE = "awful boring dull tedious clumsy terrible bland painful".split()
@@ -171,6 +187,24 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return _saved_base(tmp_path_factory, "gpt2", "AutoModelForCausalLM", TINY_GPT2)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _saved_base(tmp_path_factory, "t5", "AutoModelForSeq2SeqLM", TINY_T5)
+
+
+@pytest.fixture(scope="session")
+def tiny_bart_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _saved_base(tmp_path_factory, "bart", "AutoModelForSeq2SeqLM", TINY_BART)
+
+
+def seq2seq_batch(batch: int = 3, source: int = 9, target: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Source ids with one padded row and target labels with one shorter row (-100 after it)."""
+    inputs = padded_ids(batch, source, seed)
+    labels = torch.randint(1000, 2000, (batch, target), generator=torch.Generator().manual_seed(seed + 1))
+    labels[0, target - 2:] = -100
+    return {**inputs, "labels": labels}
 
 
 def perturb_trainable(module: Any, seed: int = 1, scale: float = 0.1) -> Any:

@@ -33,6 +33,10 @@ class Task(ABC):
     def configure_model(self, model: nn.Module) -> None:
         """Adjust the freshly built model for this task (before the method attaches)."""
 
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Receive the backbone's tokenizer before a stage runs (tasks that score generated
+        text decode with it)."""
+
     def auto_model_class(self) -> Any:
         import transformers
 

@@ -1,24 +1,26 @@
-"""The prefix encoder: ``P`` positions of keys and values for every layer, optionally through
-the reparameterization MLP of Li & Liang (2021)."""
+"""The prefix encoder: ``P`` positions of keys and values for every attention block (every
+layer; an encoder-decoder's encoder, decoder self- and cross-attention blocks), optionally
+through the reparameterization MLP of Li & Liang (2021)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fw_prefix.shapes import KVShape
+from fw_prefix.shapes import KVShape, Seq2SeqLayout
 
 
 class PrefixEncoder(nn.Module):
-    """Computes the flat prefix ``(P, layers · 2 · kv_width)`` and splits it per layer.
+    """Computes the flat prefix ``(P, blocks · 2 · kv_width)`` and splits it per block.
 
     With a ``bottleneck`` (reparameterization)::
 
         P × token_dim embedding ─► Linear(token_dim, bottleneck) ─► tanh ─► Linear(bottleneck, layers·2·kv_width)
 
     without one, the flat prefix itself is the trainable embedding. Column layout of the
-    flat prefix (as in Hugging Face PEFT's ``prompt_embeddings``): layer-major, then key
-    before value, then heads, then head dimension.
+    flat prefix (as in Hugging Face PEFT's ``prompt_embeddings``): block-major (a block is a
+    layer; on an encoder-decoder, the blocks of ``layout``, :class:`fw_prefix.shapes.Seq2SeqLayout`),
+    then key before value, then heads, then head dimension.
 
     After training the flat prefix is all inference needs: :meth:`use_stored` replaces the
     computation by a fixed tensor.
@@ -31,9 +33,11 @@ class PrefixEncoder(nn.Module):
         token_dim: int,
         bottleneck: int | None = 512,
         device: torch.device | None = None,
+        layout: Seq2SeqLayout | None = None,
     ) -> None:
         super().__init__()
         self.shape = shape
+        self.layout = layout
         self.prefix_length = prefix_length
         self.bottleneck = bottleneck
         if bottleneck:
@@ -50,7 +54,7 @@ class PrefixEncoder(nn.Module):
         self.register_buffer("stored", None, persistent=False)  # set by use_stored
 
     def flat(self) -> torch.Tensor:
-        """The prefix as stored after training: ``(P, layers · 2 · kv_width)``."""
+        """The prefix as stored after training: ``(P, blocks · 2 · kv_width)``."""
         if self.stored is not None:
             return self.stored
         weight = self.embedding.weight
@@ -62,7 +66,7 @@ class PrefixEncoder(nn.Module):
     def key_values(
         self, batch_size: int, dtype: torch.dtype, device: torch.device
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the prefix keys and values, each ``(batch, kv_heads, P, head_dim)``."""
+        """Per block, the prefix keys and values, each ``(batch, kv_heads, P, head_dim)``."""
         s = self.shape
         flat = self.flat().to(device=device, dtype=dtype)
         # (P, layers, 2, kv_heads, head_dim) -> (layers, 2, kv_heads, P, head_dim)
@@ -81,7 +85,5 @@ class PrefixEncoder(nn.Module):
     def extra_repr(self) -> str:
         s = self.shape
         mlp = f"bottleneck={self.bottleneck}" if self.mlp is not None else "no reparameterization"
-        return (
-            f"prefix_length={self.prefix_length}, layers={s.num_layers}, kv_heads={s.num_kv_heads}, "
-            f"head_dim={s.head_dim}, {mlp}"
-        )
+        blocks = f"blocks={s.num_layers} ({self.layout.describe()})" if self.layout else f"layers={s.num_layers}"
+        return f"prefix_length={self.prefix_length}, {blocks}, kv_heads={s.num_kv_heads}, head_dim={s.head_dim}, {mlp}"

@@ -11,6 +11,12 @@ of the input embeddings of every sequence::
     └────┴────┴────┘ └────┴────┴────┘
       P × hidden, trainable            mask: P ones in front; the P virtual positions
       (all that is trained and stored) are dropped from token-level logits
+                                       (encoder-decoders: the encoder's input, see below)
+
+On an encoder-decoder (T5, BART, ...) the virtual tokens go in front of the *encoder's*
+input only, as in Lester et al.'s T5 experiments and PEFT's ``SEQ_2_SEQ_LM``: the encoder
+mask (also the decoder's cross-attention mask) gets the ``P`` ones, the decoder input, the
+labels and the decoder's logits are unchanged (:class:`fw_prompt.EncoderVirtualTokenInjector`).
 
 The method trains (and stores) ``P · hidden`` parameters: 15,360 for 20 tokens on BERT-base.
 Lester et al. initialise the prompt from sampled vocabulary embeddings or from the
@@ -30,7 +36,7 @@ from framework.method import PeftAdapter, PeftMethod
 from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter, virtual_token_weights
 from framework.validation import InvalidArgument, one_of, positive_int
 from fw_prompt.embedding import PromptEmbedding
-from fw_prompt.inject import MODULE_NAME, add_virtual_tokens
+from fw_prompt.inject import MODULE_NAME, add_virtual_tokens, is_encoder_decoder
 
 if TYPE_CHECKING:  # pragma: no cover
     from framework.prepare import PrepareContext
@@ -95,7 +101,25 @@ class PromptTuning(PeftMethod):
         return {"num_virtual_tokens": int(config["num_virtual_tokens"]), "init": "random"}
 
     def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return virtual_token_weights(self, weights)
+        return virtual_token_peft_weights(self, model, weights)
 
 
-__all__ = ["PromptTuning"]
+def virtual_token_peft_weights(method: Any, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's tensors as a virtual-token method's stored form (prompt tuning, P-tuning).
+
+    PEFT builds its ``SEQ_2_SEQ_LM`` prompt with ``num_transformer_submodules`` (2 unless set)
+    times ``P`` rows and feeds only the first ``P`` to the encoder; for prompt tuning and
+    P-tuning the decoder's rows are never read. On an encoder-decoder fw keeps those first ``P``
+    rows (fw's own export writes ``num_transformer_submodules: 1`` and exactly ``P`` rows).
+    """
+    table = weights.get("prompt_embeddings")
+    p = int(method.num_virtual_tokens)
+    if (
+        table is not None and is_encoder_decoder(model) and table.dim() == 2
+        and table.shape[0] > p and table.shape[0] % p == 0
+    ):
+        weights = {**weights, "prompt_embeddings": table[:p]}
+    return virtual_token_weights(method, weights)
+
+
+__all__ = ["PromptTuning", "virtual_token_peft_weights"]

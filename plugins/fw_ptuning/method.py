@@ -13,7 +13,10 @@ run can resume). After training only its output, ``P × hidden`` numbers, is nee
 ``stored_state_dict`` returns that one tensor (``prompt_encoder.prompt_embeddings``), as
 Hugging Face PEFT saves it. Attention mask, token-type ids and token-level labels are
 extended, and the virtual positions are dropped from token-level logits, exactly as for
-prompt tuning (:class:`fw_prompt.VirtualTokenInjector`). Cannot be merged into the weights.
+prompt tuning (:class:`fw_prompt.VirtualTokenInjector`). On an encoder-decoder (T5, BART,
+...) the virtual tokens go in front of the encoder's input only and the encoder mask (also
+the cross-attention mask) is widened, as for prompt tuning
+(:class:`fw_prompt.EncoderVirtualTokenInjector`). Cannot be merged into the weights.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from fw_prompt import MODULE_NAME, add_virtual_tokens
+from fw_prompt import MODULE_NAME, add_virtual_tokens, virtual_token_peft_weights
 from torch import nn
 
 from framework.method import PeftAdapter, PeftMethod, load_stored_output
-from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter, virtual_token_weights
+from framework.peft_compat import VIRTUAL_TOKEN_FIELDS, refuse_unknown_options, virtual_token_adapter
 from framework.validation import one_of, optional_positive_int, positive_int, probability
 from fw_ptuning.encoder import PromptEncoder
 
@@ -124,7 +127,7 @@ class PTuning(PeftMethod):
         }
 
     def from_peft_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return virtual_token_weights(self, weights)
+        return virtual_token_peft_weights(self, model, weights)
 
 
 __all__ = ["PTuning", "STORED_KEY"]

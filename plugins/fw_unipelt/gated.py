@@ -4,7 +4,9 @@
 - :class:`GatedLoRA`: LoRA's layer with ``y = W x + gate(x) · (alpha / r) · B A x``; one gate
   per adapted Linear, reading that Linear's input.
 - :class:`GatedPrefixTuning`: prefix tuning whose layer-``l`` prefix keys and values are
-  multiplied by a gate reading that layer's attention input (the query projection's input).
+  multiplied by a gate reading that layer's attention input (the query projection's input);
+  on an encoder-decoder, one gate per prefixed attention block (encoder self-attention,
+  decoder self- and cross-attention), reading that block's query input.
   Attach it before LoRA: its gates hook the query projections, which LoRA then wraps (the
   hook stays on the wrapped projection and still sees its input). The gate is computed
   when the prefix enters the cache: on the whole input in training
@@ -20,7 +22,8 @@ import torch
 from fw_adapters import Pfeiffer
 from fw_lora import LoRA
 from fw_lora.layer import LoRALinear
-from fw_prefix import PrefixInjector, PrefixTuning
+from fw_prefix import PrefixTuning
+from fw_prefix.shapes import block_attention
 from torch import nn
 from torch.nn import functional as F
 
@@ -73,6 +76,8 @@ class GatedPrefixTuning(PrefixTuning):
         super().attach(model)
         encoder = self.prefix_encoder(model)
         queries = targets_or_roles(model, None, ["query"], field="")
+        if encoder.layout is not None:
+            queries = queries_per_block(queries, block_attention(model, encoder.layout))
         if len(queries) != encoder.shape.num_layers:
             raise InvalidArgument(
                 "", f"UniPELT's prefix gates: found {len(queries)} query projections for {encoder.shape.num_layers} layers; "
@@ -87,17 +92,27 @@ class GatedPrefixTuning(PrefixTuning):
         self.record(PREFIX_GATES, f"prefix gates: {len(gates)} x Linear({linear_dims(queries[0][1])[0]} -> 1) (+{added:,})")
 
 
-class _PrefixGateHook:
-    """Before layer ``layer`` computes its query, scale its prefix in the cache by the gate."""
+def queries_per_block(queries: list[tuple[str, nn.Module]], attention: list[str]) -> list[tuple[str, nn.Module]]:
+    """The query projection inside each block's attention module (names in ``attention``)."""
+    out = []
+    for name in attention:
+        inside = [(n, q) for n, q in queries if n.startswith(name + ".")]
+        if len(inside) != 1:
+            raise InvalidArgument("", f"UniPELT's prefix gates: found {len(inside)} query projections in {name}; the gate reads one")
+        out += inside
+    return out
 
-    def __init__(self, injector: PrefixInjector, layer: int, gate: SequenceGate) -> None:
+
+class _PrefixGateHook:
+    """Before block ``layer`` computes its query, scale its prefix in the cache by the gate."""
+
+    def __init__(self, injector: Any, layer: int, gate: SequenceGate) -> None:
         self.injector, self.layer, self.gate = injector, layer, gate
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        cache = self.injector.filling
-        if cache is None:
+        slot = self.injector.prefix_slot(self.layer)
+        if slot is None:
             return  # a later decoding step: the cache holds the prefix gated on the prompt
-        slot = cache.layers[self.layer]
         gate = self.gate(args[0]).unsqueeze(1).to(slot.keys.dtype)  # (batch, 1, 1, 1)
         slot.keys, slot.values = slot.keys * gate, slot.values * gate
 

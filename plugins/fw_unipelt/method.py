@@ -31,15 +31,25 @@ On a random-init BERT-base (12 layers, hidden 768) the trained method parameters
 
 A finished run stores the flat prefix (10 × 18,432 = 184,320) instead of its MLP: 1,410,672.
 The gates make every part input-dependent, so nothing can be merged into the weights.
+
+On an encoder-decoder (T5, BART) the prefix is fw_prefix's full layout (encoder
+self-attention, decoder self- and cross-attention, one gate per block), and each stack's
+gates read that stack's mask: the encoder's (also when ``generate`` calls the encoder
+directly) and the decoder's own (none: every decoder position is real).
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import Any
 
 from fw_compose import Compose
 from torch import nn
 
 from framework import forward_context
+from framework.forward_context import ForwardContext
 from framework.gates import SequenceGate
+from framework.virtual_inputs import forward_kwargs
 from fw_unipelt.gated import PREFIX_GATES, GatedLoRA, GatedPfeiffer, GatedPrefixTuning
 
 
@@ -81,6 +91,8 @@ class UniPELT(Compose):
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
         padding = forward_context.install(model)  # the prefix's hook writes its widened mask there
+        if getattr(model.config, "is_encoder_decoder", False):
+            record_stack_masks(model, padding)
         causal = next_token_model(model)
         prefix_gates = set(model.get_submodule(PREFIX_GATES).modules())
         for module in model.modules():
@@ -93,6 +105,17 @@ class UniPELT(Compose):
 def next_token_model(model: nn.Module) -> bool:
     """Whether ``model`` is trained to predict the next token (its gates must not see the future)."""
     return bool(getattr(model, "can_generate", lambda: False)())
+
+
+def record_stack_masks(model: nn.Module, context: ForwardContext) -> None:
+    """On an encoder-decoder, record each stack's mask in the forward context as the stack
+    starts (before the stack's other pre-hooks), so its gates pool over its own positions."""
+    for stack in (model.get_encoder(), model.get_decoder()):
+        stack.register_forward_pre_hook(partial(_record_mask, context), with_kwargs=True, prepend=True)
+
+
+def _record_mask(context: ForwardContext, stack: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    context.set_mask(forward_kwargs(stack, args, kwargs).get("attention_mask"))
 
 
 __all__ = ["UniPELT"]
