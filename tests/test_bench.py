@@ -179,3 +179,21 @@ def test_claims_of_the_seeds_are_checked_from_the_rows():
     rows["lora"]["latency_spread"] = 0.06  # a noisy run: +10 % is within 2 x 6 %
     assert {c["claim"]: c for c in claims.check(rows, seeds)}["Merged LoRA adds no inference latency over the base model"]["holds"]
     assert "## Claims of the seed documents" in claims.markdown(claims.check(rows, seeds))
+
+
+def test_the_t5_memory_claims_compare_reductions_with_the_seeds_figures():
+    from framework.bench import claims
+    from framework.bench.runner import BenchConfig
+
+    config = BenchConfig.load(Path(__file__).parents[1] / "recipes" / "bench" / "t5-memory.yaml")
+    assert config.latency is False and set(config.methods) == {"full", "lora", "ia3", "prefix", "prompt"}
+    gib = 2**30
+    rows = {"full": {"peak_memory_bytes": 10 * gib}, "lora": {"peak_memory_bytes": 1.7 * gib},  # 83 % less
+            "ia3": {"peak_memory_bytes": 3 * gib}, "prefix": {"peak_memory_bytes": 2.5 * gib}}  # 70 %, 75 % less
+    verdicts = {c["claim"].split(" needs ")[0]: c for c in claims.check(rows, config.claims) if " % less " in c["claim"]}
+    assert sorted(verdicts) == ["IA³", "LoRA", "Prefix tuning"]
+    assert verdicts["LoRA"]["holds"] and "83.0 % less (claimed 83.5 %" in verdicts["LoRA"]["evidence"]
+    assert not verdicts["IA³"]["holds"]  # 70 % vs the claimed 85.8 %: outside ±10 points
+    assert verdicts["Prefix tuning"]["holds"]  # 75 % vs 73.2 %
+    with pytest.raises(ValueError, match=r"claims\[0\].expected: expected a number"):
+        claims.validate([{"claim": "x", "check": "memory_reduction_vs_full", "rows": ["lora"], "expected": "83 %"}], "cfg")

@@ -50,6 +50,16 @@ def _less_memory_than_full(rows: Rows, name: str) -> tuple[bool, str]:
     return a < b, f"{name} {a / 2**20:,.0f} MiB vs full {b / 2**20:,.0f} MiB ({a / b - 1:+.0%})"
 
 
+def _memory_reduction(rows: Rows, name: str, expected: float, tolerance: float = 10.0) -> tuple[bool, str]:
+    """The seed's "X % less training memory than full fine-tuning", within ``tolerance``
+    percentage points."""
+    a, b = rows[name]["peak_memory_bytes"], rows["full"]["peak_memory_bytes"]
+    reduction = 100 * (1 - a / b)
+    return abs(reduction - expected) <= tolerance, (
+        f"{name} {a / 2**30:,.2f} GiB vs full {b / 2**30:,.2f} GiB: {reduction:.1f} % less "
+        f"(claimed {expected:.1f} %, ±{tolerance:g} points)")
+
+
 def _faster_step_than_full(rows: Rows, name: str) -> tuple[bool, str]:
     a, b = rows[name]["median_step_seconds"], rows["full"]["median_step_seconds"]
     return a < b, f"{name} {a * 1000:,.0f} ms vs full {b * 1000:,.0f} ms per step ({a / b - 1:+.0%})"
@@ -80,6 +90,7 @@ CHECKS: dict[str, tuple[Callable[..., tuple[bool | None, str]], list[str]]] = {
     "merged_adds_no_latency": (_merged_free, []),
     "slower_than_base": (_slower_than_base, []),
     "less_memory_than_full": (_less_memory_than_full, ["full"]),
+    "memory_reduction_vs_full": (_memory_reduction, ["full"]),
     "faster_step_than_full": (_faster_step_than_full, ["full"]),
     "near_full_score": (_near_full, ["full"]),
     "fewest_trainable": (_fewest_trainable, []),
@@ -94,17 +105,23 @@ def validate(claims: list[dict[str, Any]], where: str) -> None:
             raise ValueError(f"{where}: claims[{i}]: expected a mapping with claim, check and rows (and optionally others)")
         if claim["check"] not in CHECKS:
             raise ValueError(f"{where}: claims[{i}].check: unknown {claim['check']!r}; known: {', '.join(CHECKS)}")
+        for key in ("expected", "tolerance"):  # a claimed figure (e.g. a reduction in %) and its slack
+            if key in claim and not isinstance(claim[key], (int, float)):
+                raise ValueError(f"{where}: claims[{i}].{key}: expected a number, got {claim[key]!r}")
 
 
 def check(rows: Rows, claims: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every claim whose rows the matrix has: ``{"claim", "holds", "evidence"}``. ``claims``
-    come from the bench config: ``{claim: text, check: name in CHECKS, rows: [...], others: [...]}``."""
+    come from the bench config: ``{claim: text, check: name in CHECKS, rows: [...], others: [...]}``,
+    with ``expected`` (and ``tolerance``) for checks of a claimed figure."""
     out = []
     for claim in claims:
         others = list(claim.get("others", []))
         test, needs = CHECKS[claim["check"]]
+        figures = {k: claim[k] for k in ("expected", "tolerance") if k in claim}
         if all(n in rows for n in [*claim["rows"], *others, *needs]):
-            holds, evidence = test(rows, *claim["rows"], others) if others else test(rows, *claim["rows"])
+            args = [*claim["rows"], others] if others else claim["rows"]
+            holds, evidence = test(rows, *args, **figures)
             out.append({"claim": claim["claim"], "holds": holds, "evidence": evidence})
     return out
 

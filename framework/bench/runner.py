@@ -47,6 +47,8 @@ class BenchConfig:
     wandb: dict[str, Any] | None = None
     #: qualitative claims checked on the aggregated rows (framework/bench/claims.py)
     claims: list[dict[str, Any]] = field(default_factory=list)
+    #: measure inference latency (base, unmerged, merged) on each method's first seed
+    latency: bool = True
 
     @classmethod
     def load(cls, path: str | Path) -> BenchConfig:
@@ -155,5 +157,5 @@ def run_matrix(config: BenchConfig, log: Any = print) -> list[dict[str, Any]]:
             continue
         log(f"[{index}/{len(jobs)}] {name} seed {seed} ...")
         # latency depends on the method, not on the seed's weights: measured on the first seed
-        records.append(run_one(config, name, seed, run_dir, latency=seed == config.seeds[0]))
+        records.append(run_one(config, name, seed, run_dir, latency=config.latency and seed == config.seeds[0]))
     return records
