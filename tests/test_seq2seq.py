@@ -207,3 +207,20 @@ def test_a_seq2seq_task_refuses_other_data_in_one_line(tmp_path, sentiment_csv, 
     assert main(["fit", "--config", write_recipe(tmp_path / "r.yaml", run)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fw: error: data: Seq2SeqLM trains on Seq2SeqData"), err
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_merged_seq2seq_models_load_in_transformers_alone_with_fws_logits(method, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from framework.formats.merged import write_merged
+
+    module = trained_module(recipe("t5", method), seed=1)
+    batch = seq2seq_batch()
+    ours = logits(module, batch)
+    write_merged(module, tmp_path)
+    plain = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        theirs = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=plain.prepare_decoder_input_ids_from_labels(labels=batch["labels"])).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-4)  # float32 merge rounding (logits ~ 10)
