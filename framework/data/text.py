@@ -22,6 +22,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
@@ -64,7 +65,14 @@ def grouped_split(
 
 
 class TextDataModule(LightningDataModule):
-    """Base DataModule for text tasks; subclasses say how an example is encoded."""
+    """Base DataModule for text tasks; subclasses say how an example is encoded.
+
+    ``group_by_length``: form training batches of examples of similar token length (fewer pad
+    tokens, faster steps): mega-batches of 50 batches of the epoch's shuffled order are sorted
+    by length and cut into batches, whose order is shuffled (the longest first). The order
+    still depends on (seed, epoch) alone, so runs resume exactly; under DDP every rank's batch
+    at a step comes from the same sorted run. Validation and test batches are not regrouped.
+    """
 
     def __init__(
         self,
@@ -81,6 +89,7 @@ class TextDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         shuffle: bool = True,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         if (dataset is None) == (data_files is None):
@@ -111,6 +120,8 @@ class TextDataModule(LightningDataModule):
         for name, value in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"data.{name}: expected >= 1 or null, got {value}")
+        if not isinstance(group_by_length, bool):
+            raise ValueError(f"data.group_by_length: expected true or false, got {group_by_length!r}")
         self.dataset = dataset
         self.data_files = data_files
         self.group_column = group_column
@@ -124,6 +135,7 @@ class TextDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.shuffle = shuffle
+        self.group_by_length = group_by_length
         self.tokenizer: Any = None  # set by the PeftModule (or by hand) before setup
         self.raw: dict[str, datasets.Dataset] | None = None
         self.encoded: dict[str, datasets.Dataset] | None = None
@@ -226,14 +238,24 @@ class TextDataModule(LightningDataModule):
             collate_fn=lambda rows: self.collate(collate_split or split, rows),
         )
 
+    def lengths(self, split: str) -> list[int]:
+        """The token length of every encoded example of ``split`` (its ``input_ids``), read
+        from the Arrow column without decoding the rows."""
+        assert self.encoded is not None, "call setup() first"
+        return pc.list_value_length(self.encoded[split].with_format("arrow")["input_ids"]).to_pylist()
+
     def train_dataloader(self) -> DataLoader:
         """Training batches in an order that depends on (seed, epoch) alone and can resume
         mid-epoch (:class:`EpochSampler`); under DDP rank r reads positions r, r + world, ...
-        (Lightning keeps this sampler rather than shuffling with its own)."""
+        (Lightning keeps this sampler rather than shuffling with its own). With
+        ``group_by_length`` a batch holds examples of similar length (less padding), and at
+        each step the ranks' batches are cut from one sorted run."""
         assert self.encoded is not None, "call setup() first"
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = EpochSampler(self.encoded["train"], self.shuffle, self.seed, world, rank)
+        lengths = self.lengths("train") if self.group_by_length else None
+        sampler = EpochSampler(self.encoded["train"], self.shuffle, self.seed, world, rank,
+                               lengths=lengths, batch_size=self.batch_size)
         return self._loader("train", self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
