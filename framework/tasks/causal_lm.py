@@ -9,6 +9,8 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from framework.tasks.base import Task
+from framework.tasks.lm_loss import LMHead, chunked_lm_loss, headless, lm_head_of
+from framework.validation import positive_int
 
 
 class Perplexity(MeanMetric):
@@ -26,6 +28,18 @@ class CausalLM(Task):
         do_sample: sample instead of greedy decoding.
         temperature: sampling temperature (with ``do_sample``).
         top_p: nucleus sampling threshold (with ``do_sample``).
+        chunked_loss: compute the training and evaluation loss without materialising the
+            ``batch x length x vocab`` logits: the backbone runs without its LM head, the head
+            is applied to the labelled (response) positions only and the cross-entropy is
+            computed ``loss_chunk_size`` positions at a time, its backward recomputing each
+            chunk's logits (framework/tasks/lm_loss.py). Same loss and gradients as the
+            standard path (to float rounding). Architectures that transform the logits after
+            the head (softcapping, scaling: Gemma 2/3, Cohere, Granite, ...), model types not
+            known to have a plain head, and heads that are not a plain ``nn.Linear``
+            (an adapter on the head, quantised or sharded) take the standard path. Off: the
+            standard path always.
+        loss_chunk_size: positions per chunk of the chunked loss (peak extra memory about
+            ``2 x loss_chunk_size x vocab`` float32 numbers).
     """
 
     auto_class = "AutoModelForCausalLM"
@@ -34,27 +48,50 @@ class CausalLM(Task):
     data_class = "InstructionData"
 
     def __init__(
-        self, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0
+        self,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        chunked_loss: bool = True,
+        loss_chunk_size: int = 1024,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"model.task.max_new_tokens: expected >= 1, got {max_new_tokens}")
+        if not isinstance(chunked_loss, bool):
+            raise ValueError(f"model.task.chunked_loss: expected true or false, got {chunked_loss!r}")
+        positive_int(loss_chunk_size, "model.task.loss_chunk_size")
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
         self.temperature = temperature
         self.top_p = top_p
+        self.chunked_loss = chunked_loss
+        self.loss_chunk_size = loss_chunk_size
 
     def metrics(self) -> MetricCollection:
         return MetricCollection({"perplexity": Perplexity(), "token_loss": MeanMetric()})
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-        logits = model(**inputs).logits
         # next-token prediction: position t predicts token t+1; prompt and padding carry -100
         labels = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100
-        )
+        head = lm_head_of(model) if self.chunked_loss else None
+        if head is not None:
+            loss = self._chunked_loss(model, inputs, labels, head)
+        else:
+            logits = model(**inputs).logits
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100
+            )
         return loss, (loss.detach(), (labels != -100).sum())
+
+    def _chunked_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, head: LMHead
+    ) -> torch.Tensor:
+        """The loss of :meth:`step` with the head applied to labelled positions only."""
+        with headless(model, head):
+            hidden = model(**inputs).logits  # the final hidden states (B x T x H)
+        return chunked_lm_loss(hidden[:, :-1], labels, head.weight, head.bias, self.loss_chunk_size)
 
     def update_metrics(self, metrics: MetricCollection, batch: dict[str, torch.Tensor], outputs: Any) -> None:
         loss, tokens = outputs

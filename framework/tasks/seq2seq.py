@@ -18,6 +18,7 @@ from torchmetrics.text.rouge import ROUGEScore
 
 from framework.tasks.base import Task
 from framework.tasks.causal_lm import Perplexity
+from framework.tasks.lm_loss import chunked_lm_loss, headless, lm_head_of
 from framework.validation import positive_int
 
 
@@ -40,6 +41,14 @@ class Seq2SeqLM(Task):
         num_beams: beam search width (1: greedy).
         generate_in_eval: also generate during validation/test and report ROUGE-1/2/L and
             exact match (costs one ``generate`` per batch); off: loss and perplexity only.
+        chunked_loss: compute the teacher-forced loss without materialising the
+            ``batch x target length x vocab`` logits: the decoder's final hidden states are
+            projected onto the vocabulary at the labelled (non-padding) positions only,
+            ``loss_chunk_size`` positions at a time (as ``CausalLM``'s, see
+            framework/tasks/lm_loss.py). T5, mT5 and BART (whose ``final_logits_bias`` is folded
+            into the head); other architectures and heads that are not a plain ``nn.Linear``
+            take the standard path. Off: the standard path always.
+        loss_chunk_size: positions per chunk of the chunked loss.
     """
 
     auto_class = "AutoModelForSeq2SeqLM"
@@ -47,9 +56,21 @@ class Seq2SeqLM(Task):
     peft_task_type = "SEQ_2_SEQ_LM"
     data_class = "Seq2SeqData"
 
-    def __init__(self, max_new_tokens: int = 32, num_beams: int = 1, generate_in_eval: bool = True) -> None:
+    def __init__(
+        self,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        generate_in_eval: bool = True,
+        chunked_loss: bool = True,
+        loss_chunk_size: int = 1024,
+    ) -> None:
         positive_int(max_new_tokens, "model.task.max_new_tokens")
         positive_int(num_beams, "model.task.num_beams")
+        if not isinstance(chunked_loss, bool):
+            raise ValueError(f"model.task.chunked_loss: expected true or false, got {chunked_loss!r}")
+        positive_int(loss_chunk_size, "model.task.loss_chunk_size")
+        self.chunked_loss = chunked_loss
+        self.loss_chunk_size = loss_chunk_size
         self.max_new_tokens = max_new_tokens
         self.num_beams = num_beams
         self.generate_in_eval = generate_in_eval
@@ -66,12 +87,19 @@ class Seq2SeqLM(Task):
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         labels = batch["labels"]
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels),
-        ).logits
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels),
+        }
+        head = lm_head_of(model) if self.chunked_loss else None
+        if head is not None:
+            with headless(model, head):
+                hidden = model(**inputs).logits  # the decoder's final hidden states
+            loss = chunked_lm_loss(hidden, labels, head.weight, head.bias, self.loss_chunk_size)
+        else:
+            logits = model(**inputs).logits
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         generated = None
         if not model.training and self.generate_in_eval and "reference" in batch:
             generated = self.generate(model, batch["input_ids"], batch["attention_mask"])
