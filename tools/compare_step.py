@@ -13,15 +13,21 @@ references, and the linear probe (the frozen-backbone floor) where the config ha
 than from RSS: the bytes of the tensors autograd saves for backward in one step (activations;
 the parameters they reference are not counted). ``--profile`` shows, per method, the
 operators that took the most CPU time in a few profiled steps: where a difference comes from.
+``--plain-lora-branch`` adds a row ``<method>/plain`` for each fw method with LoRA layers: the
+same module with the LoRA branch as plain ops (fw's layer before ``fw_lora.branch``'s autograd
+Function, saving a dropped-out copy of each layer's input and its mask), timed in the same
+rounds: what the Function saves and costs.
 
     python tools/compare_step.py                                    # the CPU bench's pairs
     python tools/compare_step.py --methods lora peft_lora --steps 30 --profile
     python tools/compare_step.py --bench recipes/bench/tiny.yaml --memory
+    python tools/compare_step.py --methods lora peft_lora --memory --plain-lora-branch
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -29,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -71,6 +78,22 @@ def step(module: Any, optimizer: torch.optim.Optimizer, batch: dict[str, torch.T
     optimizer.zero_grad(set_to_none=True)
 
 
+def plain_lora_branch(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """Within it (when ``enabled``), fw's LoRA layers compute their branch as plain ops."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from fw_lora import layer
+    from fw_lora.branch import plain_lora_branch as plain
+
+    return mock.patch.object(layer, "lora_branch", plain)
+
+
+def has_lora_layers(module: Any) -> bool:
+    from fw_lora import LoRALinear
+
+    return any(isinstance(m, LoRALinear) for m in module.modules())
+
+
 def saved_activation_bytes(module: Any, batch: dict[str, torch.Tensor]) -> int:
     """Bytes of the distinct storages autograd keeps for backward in one forward (the weights
     they point into excluded): a training step's activation memory, without RSS's noise."""
@@ -101,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--memory", action="store_true", help="also measure each step's saved activations")
     parser.add_argument("--profile", action="store_true", help="then profile 3 steps of each method")
+    parser.add_argument("--plain-lora-branch", action="store_true",
+                        help="also run each method with LoRA layers with the branch as plain ops (rows <name>/plain)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
 
@@ -113,11 +138,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recipes = {name: run_recipe(config, name, seed=0, run_dir=Path(run_dir)) for name in names}
     built = {name: build(recipe["model"]) for name, recipe in recipes.items()}
     batch = first_batch(recipes[names[0]], built[names[0]][0].tokenizer)
-    times: dict[str, list[float]] = {name: [] for name in built}
+    # each row: (module, optimizer, plain LoRA branch?); the /plain rows share their method's module
+    rows = {name: (module, optimizer, False) for name, (module, optimizer) in built.items()}
+    if args.plain_lora_branch:
+        rows |= {f"{name}/plain": (module, optimizer, True) for name, (module, optimizer) in built.items()
+                 if has_lora_layers(module)}
+    times: dict[str, list[float]] = {name: [] for name in rows}
     for round_ in range(args.warmup + args.steps):
-        for name, (module, optimizer) in built.items():
+        for name, (module, optimizer, plain) in rows.items():
             t0 = time.perf_counter()
-            step(module, optimizer, batch)
+            with plain_lora_branch(plain):
+                step(module, optimizer, batch)
             if round_ >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     medians = {name: statistics.median(v) for name, v in times.items()}
@@ -126,7 +157,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, median in medians.items():
         print(f"  {name:14s} median {median * 1000:8.1f} ms   min {min(times[name]) * 1000:8.1f} ms")
     if args.memory:
-        result["saved_activation_bytes"] = {name: saved_activation_bytes(module, batch) for name, (module, _) in built.items()}
+        result["saved_activation_bytes"] = {}
+        for name, (module, _, plain) in rows.items():
+            with plain_lora_branch(plain):
+                result["saved_activation_bytes"][name] = saved_activation_bytes(module, batch)
         for name, nbytes in result["saved_activation_bytes"].items():
             print(f"  {name:14s} saved for backward {nbytes / 2**20:8.1f} MiB")
     for name, spec in config.methods.items():
@@ -137,6 +171,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 saved = result["saved_activation_bytes"]
                 ratios["saved_activations"] = saved[fw_name] / saved[name]
             print(f"  fw/PEFT {fw_name}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    for name in medians:
+        if name.endswith("/plain"):
+            fw_name = name.removesuffix("/plain")
+            result.setdefault("fw_over_plain_branch", {})[fw_name] = ratios = {"step": medians[fw_name] / medians[name]}
+            if args.memory:
+                saved = result["saved_activation_bytes"]
+                ratios["saved_activations"] = saved[fw_name] / saved[name]
+            print(f"  {fw_name} over its plain LoRA branch: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -6,9 +6,9 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from framework.layers import WrappedLayer, linear_dims, weight_dtype
+from fw_lora.branch import lora_branch
 
 
 class LoRALinear(WrappedLayer):
@@ -16,6 +16,9 @@ class LoRALinear(WrappedLayer):
 
     A starts kaiming-uniform (a=sqrt(5)) and B at zero, so the wrapped layer starts equal to
     the base. The scaling multiplies the rank-r activations, the cheapest place for it.
+    The branch is one autograd Function (:mod:`fw_lora.branch`) that keeps ``x``, the rank-r
+    activations and the random generator's state for backward, not a dropped-out copy of ``x``
+    and its mask; outputs, gradients and the random stream are the plain ops'.
     """
 
     def __init__(
@@ -44,9 +47,17 @@ class LoRALinear(WrappedLayer):
         out = self.base_layer(x)
         if self.merged:
             return out
-        a = self.lora_A
-        h = F.linear(self.lora_dropout(x).to(a.dtype), a) * self.scaling
-        return out + F.linear(h, self.lora_B).to(out.dtype)
+        return out + self.lora_update(x).to(out.dtype)
+
+    @property
+    def dropout_p(self) -> float:
+        """The dropout probability the branch applies now (0 in eval mode or without dropout)."""
+        dropout = self.lora_dropout
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+    def lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        """``(dropout(x) @ A^T) * scaling @ B^T`` in A and B's dtype (or the autocast dtype)."""
+        return lora_branch(x, self.lora_A, self.lora_B, self.scaling, self.dropout_p)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in the base weight's layout (transposed for Conv1D), in fp32."""

@@ -25,7 +25,6 @@ from fw_lora.layer import LoRALinear
 from fw_prefix import PrefixTuning
 from fw_prefix.shapes import block_attention
 from torch import nn
-from torch.nn import functional as F
 
 from framework.gates import SequenceGate
 from framework.layers import linear_dims
@@ -47,9 +46,7 @@ class GatedLoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        a = self.lora_A
-        h = F.linear(self.lora_dropout(x).to(a.dtype), a) * self.scaling
-        return out + (F.linear(h, self.lora_B) * self.gate(x)).to(out.dtype)
+        return out + (self.lora_update(x) * self.gate(x)).to(out.dtype)
 
     def merge(self) -> None:
         raise MergeNotSupportedError(
