@@ -197,3 +197,14 @@ def test_the_t5_memory_claims_compare_reductions_with_the_seeds_figures():
     assert verdicts["Prefix tuning"]["holds"]  # 75 % vs 73.2 %
     with pytest.raises(ValueError, match=r"claims\[0\].expected: expected a number"):
         claims.validate([{"claim": "x", "check": "memory_reduction_vs_full", "rows": ["lora"], "expected": "83 %"}], "cfg")
+
+
+def test_a_bench_method_can_set_its_own_data_and_task(tmp_path):
+    from framework.bench.runner import BenchConfig, run_recipe
+
+    config = BenchConfig.load(Path(__file__).parents[1] / "recipes" / "bench" / "cpu-smollm2-sft.yaml")
+    fw, peft = (run_recipe(config, name, 1, tmp_path) for name in ("lora", "peft_lora"))
+    assert fw["data"]["init_args"]["group_by_length"] is True and "group_by_length" not in peft["data"]["init_args"]
+    assert fw["data"]["init_args"]["max_train_examples"] == peft["data"]["init_args"]["max_train_examples"] == 128
+    assert peft["model"]["task"]["init_args"]["chunked_loss"] is False
+    assert "chunked_loss" not in fw["model"]["task"].get("init_args", {})  # the default: on

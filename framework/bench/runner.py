@@ -76,7 +76,9 @@ def run_recipe(config: BenchConfig, name: str, seed: int, run_dir: Path) -> dict
     recipe["seed_everything"] = seed
     recipe["model"]["method"] = spec["method"]
     for key, value in spec.items():
-        if key not in ("method", "reference_of"):
+        if key == "data":  # a method's own data settings (e.g. group_by_length)
+            deep_update(recipe["data"], copy.deepcopy(value))
+        elif key not in ("method", "reference_of"):
             recipe["model"][key] = value
     trainer = recipe.setdefault("trainer", {})
     if config.max_steps is not None:
