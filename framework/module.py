@@ -171,6 +171,8 @@ class PeftModule(LightningModule):
         if datamodule is not None and getattr(datamodule, "tokenizer", "absent") is None:
             datamodule.tokenizer = self.tokenizer
         self.task.bind_tokenizer(self.tokenizer)
+        if callable(check_packing := getattr(datamodule, "check_packing", None)):
+            check_packing(self.model, self.method)  # data.pack: refused where examples would mix
         names = getattr(datamodule, "label_names", None) if isinstance(self.task, Classification) else None
         if names is not None and len(names) > self.task.num_labels:
             raise FieldError(

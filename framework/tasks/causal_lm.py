@@ -72,7 +72,9 @@ class CausalLM(Task):
         return MetricCollection({"perplexity": Perplexity(), "token_loss": MeanMetric()})
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        if "position_ids" in batch:  # packed examples (data.pack): transformers separates them only without a cache
+            inputs["use_cache"] = False
         # next-token prediction: position t predicts token t+1; prompt and padding carry -100
         labels = batch["labels"][:, 1:]
         head = lm_head_of(model) if self.chunked_loss else None
