@@ -115,6 +115,9 @@ class Backbone:
         seed: the seed of ``config`` backbones' random weights (null: the run's
             ``seed_everything``); recorded in checkpoints, so a checkpoint is evaluated on the
             backbone it was trained on whatever seed the evaluating run uses.
+        attn_implementation: transformers' attention kernel (null: its default, ``sdpa`` where
+            the model has it); ``flash_attention_2`` needs the flash-attn package and a GPU and
+            is what makes ``data.pack`` pay off (varlen kernels instead of a dense mask).
     """
 
     name_or_path: str | None = None
@@ -125,6 +128,7 @@ class Backbone:
     revision: str | None = None
     trust_remote_code: bool = False
     seed: int | None = None
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = None
 
     def __post_init__(self) -> None:
         if (self.name_or_path is None) == (self.config is None):
@@ -176,6 +180,9 @@ class Backbone:
             kwargs["revision"] = self.revision
         return kwargs
 
+    def _attention(self) -> dict[str, Any]:
+        return {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
+
     def _torch_dtype(self) -> torch.dtype | str:
         return "auto" if self.dtype == "auto" else DTYPES[self.dtype]
 
@@ -191,7 +198,7 @@ class Backbone:
             torch.manual_seed(self.seed)
             fields = dict(self.config)
             config = AutoConfig.for_model(fields.pop("model_type"), **fields, **model_kwargs)
-            model = auto_class.from_config(config, trust_remote_code=self.trust_remote_code)
+            model = auto_class.from_config(config, trust_remote_code=self.trust_remote_code, **self._attention())
             if self.dtype != "auto":
                 model = model.to(DTYPES[self.dtype])
             return model
@@ -201,7 +208,7 @@ class Backbone:
             path = str(self._gguf_cache(source))
         try:
             return auto_class.from_pretrained(
-                path, dtype=self._torch_dtype(), **self._pretrained_kwargs(), **model_kwargs
+                path, dtype=self._torch_dtype(), **self._pretrained_kwargs(), **self._attention(), **model_kwargs
             )
         except OSError as err:
             if source.kind == "hub":
