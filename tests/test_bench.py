@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,17 @@ from framework.bench.report import aggregate, markdown
 from framework.cli import main
 
 TINY = Path(__file__).parents[1] / "recipes" / "bench" / "tiny.yaml"
+
+
+def finished_records(path: Path, wait: float = 20.0) -> list:
+    """The W&B log's records once its ``exit`` record is written: the wandb service may still
+    be flushing the run's last records when ``finish()`` has returned (seen once under load)."""
+    deadline = time.monotonic() + wait
+    while True:
+        records = read_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
 
 
 def test_bench_writes_every_dimension_resumes_and_logs_to_wandb(tmp_path, capsys, monkeypatch):
@@ -48,7 +60,9 @@ def test_bench_writes_every_dimension_resumes_and_logs_to_wandb(tmp_path, capsys
         assert len(logs) == 1 and "train/loss" in history_keys(read_records(logs[0]))
     table_logs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(table_logs) == 1
-    assert any(key.startswith("results/") for key in history_keys(read_records(table_logs[0])))  # the wandb.Table
+    records = finished_records(table_logs[0])
+    kinds = sorted({r.WhichOneof("record_type") for r in records})
+    assert any(key.startswith("results/") for key in history_keys(records)), (history_keys(records), kinds)  # the wandb.Table
 
     (out / "runs" / "lora" / "seed1" / "bench.json").write_text(json.dumps({**results["runs"][0], "marker": 1}))
     capsys.readouterr()
