@@ -189,7 +189,21 @@ class Backbone:
     # -- building -------------------------------------------------------------------------
 
     def build(self, auto_class: Any, **model_kwargs: Any) -> nn.Module:
-        """The model, via ``auto_class`` (e.g. ``AutoModelForSequenceClassification``)."""
+        """The model, via ``auto_class`` (e.g. ``AutoModelForSequenceClassification``); an
+        architecture the task's auto class has no model for is one error naming both."""
+        try:
+            return self._build(auto_class, **model_kwargs)
+        except ValueError as err:
+            if not str(err).startswith("Unrecognized configuration class"):
+                raise
+            kind = (self.config or {}).get("model_type") or self.name_or_path
+            raise FieldError(
+                f"model.backbone: transformers has no {auto_class.__name__} for a '{kind}' backbone, which "
+                "model.task needs (Seq2SeqLM: an encoder-decoder such as T5 or BART; CausalLM: a decoder; "
+                "Classification: an encoder or decoder with a sequence-classification head)"
+            ) from err
+
+    def _build(self, auto_class: Any, **model_kwargs: Any) -> nn.Module:
         if self.config is not None:
             from transformers import AutoConfig
 

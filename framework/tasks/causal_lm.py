@@ -9,8 +9,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from framework.tasks.base import Task
-from framework.tasks.lm_loss import LMHead, chunked_lm_loss, headless, lm_head_of
-from framework.validation import positive_int
+from framework.tasks.lm_loss import LMHead, check_loss_options, chunked_lm_loss, headless, lm_head_of
 
 
 class Perplexity(MeanMetric):
@@ -58,9 +57,7 @@ class CausalLM(Task):
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"model.task.max_new_tokens: expected >= 1, got {max_new_tokens}")
-        if not isinstance(chunked_loss, bool):
-            raise ValueError(f"model.task.chunked_loss: expected true or false, got {chunked_loss!r}")
-        positive_int(loss_chunk_size, "model.task.loss_chunk_size")
+        check_loss_options(chunked_loss, loss_chunk_size)
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
         self.temperature = temperature

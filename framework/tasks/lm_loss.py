@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from framework.validation import positive_int
+
 #: model types whose causal-LM forward is ``logits = lm_head(hidden_states)`` and nothing more
 #: (checked against transformers' modeling code; Gemma 2/3, Cohere, Granite, ... transform the
 #: logits after the head and take the standard path)
@@ -46,6 +48,13 @@ PLAIN_HEAD_SEQ2SEQ_TYPES = frozenset({"t5", "mt5", "bart"})
 LOGITS_BIAS = "final_logits_bias"
 #: config fields that, when set, mean the logits are transformed after the head
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def check_loss_options(chunked_loss: Any, loss_chunk_size: Any) -> None:
+    """The language-model tasks' ``chunked_loss`` (a bool) and ``loss_chunk_size`` (> 0)."""
+    if not isinstance(chunked_loss, bool):
+        raise ValueError(f"model.task.chunked_loss: expected true or false, got {chunked_loss!r}")
+    positive_int(loss_chunk_size, "model.task.loss_chunk_size")
 
 
 class HiddenStates(nn.Identity):

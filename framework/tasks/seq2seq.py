@@ -18,7 +18,7 @@ from torchmetrics.text.rouge import ROUGEScore
 
 from framework.tasks.base import Task
 from framework.tasks.causal_lm import Perplexity
-from framework.tasks.lm_loss import chunked_lm_loss, headless, lm_head_of
+from framework.tasks.lm_loss import check_loss_options, chunked_lm_loss, headless, lm_head_of
 from framework.validation import positive_int
 
 
@@ -66,9 +66,7 @@ class Seq2SeqLM(Task):
     ) -> None:
         positive_int(max_new_tokens, "model.task.max_new_tokens")
         positive_int(num_beams, "model.task.num_beams")
-        if not isinstance(chunked_loss, bool):
-            raise ValueError(f"model.task.chunked_loss: expected true or false, got {chunked_loss!r}")
-        positive_int(loss_chunk_size, "model.task.loss_chunk_size")
+        check_loss_options(chunked_loss, loss_chunk_size)
         self.chunked_loss = chunked_loss
         self.loss_chunk_size = loss_chunk_size
         self.max_new_tokens = max_new_tokens
