@@ -202,6 +202,18 @@ class PeftMethod(ABC):
     def on_after_backward(self, model: nn.Module) -> None:
         """Called after every backward pass, before the optimizer step (e.g. gradient masks)."""
 
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
+        """The optimizer's parameter groups this method asks for; None (default): the core's.
+
+        Each group is a dict with ``params`` (parameters of ``model``) and optionally ``lr``
+        (absolute; ``lr`` here is the recipe's ``model.learning_rate``) and ``weight_decay``.
+        Every trainable parameter of the method is in exactly one group; the task head's may be
+        left out (the core puts unlisted ones in its default groups). The core splits each
+        group into decay / no-decay as by default unless the group sets ``weight_decay``, and
+        the schedule scales every group's own ``lr`` (e.g. LoRA+: B at ``lr`` × a ratio).
+        """
+        return None
+
     # -- identity -------------------------------------------------------------------------
 
     @classmethod

@@ -21,7 +21,7 @@ from framework.finite import NonFiniteTrainingError, explain, grad_norm, is_fini
 from framework.formats.fw import AdapterError, architecture
 from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
-from framework.optim import OptimizerName, build_optimizer
+from framework.optim import OptimizerName, build_optimizer, param_groups
 from framework.prepare import PrepareContext, unsharded_batches
 from framework.settings import differences
 from framework.sharding import full_tensor, is_sharded, shard_like, shard_model
@@ -318,18 +318,21 @@ class PeftModule(LightningModule):
 
     # -- optimization ---------------------------------------------------------------------
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's groups: decay / no-decay (``p.fw_weight_decay``, default matrices),
+        inside the groups the method asks for (:meth:`PeftMethod.param_groups`); the trainable
+        parameters it does not list (the head's may be left out) take the default groups."""
+        if self.method is None:
+            return param_groups(self.model, self.weight_decay)
+        with method_errors():
+            requested = self.method.param_groups(self.model, self.learning_rate)
+        heads = [p for name in self.head_names for p in self.model.get_submodule(name).parameters()]
+        return param_groups(self.model, self.weight_decay, requested, type(self.method).__name__, heads)
+
     def configure_optimizers(self) -> Any:
         from transformers import get_scheduler
 
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:  # a plugin may set p.fw_weight_decay; default: matrices decay
-                (decay if getattr(p, "fw_weight_decay", p.ndim >= 2) else no_decay).append(p)
-        optimizer = build_optimizer(
-            self.optimizer,
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.learning_rate,
-        )
+        optimizer = build_optimizer(self.optimizer, self.param_groups(), lr=self.learning_rate)
         total = int(self.trainer.estimated_stepping_batches)
         name = {"constant": "constant_with_warmup"}.get(self.scheduler, self.scheduler)
         schedule = get_scheduler(

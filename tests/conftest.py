@@ -148,7 +148,7 @@ INTEGRATION_TESTS = {
     "test_mask_has_exactly_k_entries_and_untouched_entries_stay_bitwise_equal", "test_trains_on_decoder",
     "test_merged_models_load_without_fw_and_give_fws_logits", "test_resume_continues_step_count_optimizer_and_schedule",
     "test_string_labels_map_to_ids_in_sorted_order", "test_trains_on_encoder_with_frozen_weights_unchanged",
-    "test_trains_in_fws_loop_through_the_encoder_alone",
+    "test_trains_in_fws_loop_through_the_encoder_alone", "test_recipe_option_trains_through_fw_fit", "test_fit_with_packing",
 }
 
 

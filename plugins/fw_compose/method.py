@@ -30,7 +30,7 @@ merged are unmerged and the error names the part.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -250,6 +250,16 @@ class Compose(PeftMethod):
     def on_after_backward(self, model: nn.Module) -> None:
         for method in self.methods:
             method.on_after_backward(model)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
+        """The parts' groups (e.g. a LoRA+ part's), then one default group of every other
+        trainable parameter; None when no part asks for groups."""
+        groups = [group for method in self.methods for group in (method.param_groups(model, lr) or [])]
+        if not groups:
+            return None
+        listed = {id(p) for group in groups for p in group["params"]}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in listed]
+        return [*groups, {"params": rest}] if rest else groups
 
 
 __all__ = ["Compose"]

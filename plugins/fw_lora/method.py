@@ -45,6 +45,15 @@ class LoRA(MergeableLayers, PeftMethod):
         dropout: dropout on the LoRA branch's input.
         rslora: rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski, 2023).
         dtype: dtype of A and B (``base``: the base weight's dtype).
+        loraplus_lr_ratio: LoRA+ (Hayou et al., 2024, arXiv:2402.12354): B trains at the learning
+            rate × this ratio (> 0; the paper: ~16), A and everything else at the learning rate.
+            None: one learning rate.
+
+    LoRA+ groups as PEFT's ``create_loraplus_optimizer`` with ``loraplus_weight_decay`` equal to
+    ``model.weight_decay``, with two differences: PEFT also gives every other 1-D trainable
+    parameter (biases, norms; e.g. a classifier's bias) the ratio, fw only B (the head trains at
+    the learning rate); and fw's LoRA wraps no embeddings, so PEFT's ``loraplus_lr_embedding``
+    group has no counterpart.
     """
 
     description = "LoRA: trainable low-rank updates B·A on chosen Linear layers (mergeable)"
@@ -61,16 +70,20 @@ class LoRA(MergeableLayers, PeftMethod):
         dropout: float = 0.0,
         rslora: bool = False,
         dtype: WeightDType = "float32",
+        loraplus_lr_ratio: float | None = None,
     ) -> None:
         positive_int(r, "r", "a positive integer rank")
         positive(alpha, "alpha")
         probability(dropout, "dropout")
+        if loraplus_lr_ratio is not None:
+            positive(loraplus_lr_ratio, "loraplus_lr_ratio")
         self.r = r
         self.alpha = alpha
         self.targets = targets
         self.dropout = dropout
         self.rslora = rslora
         self.dtype = dtype
+        self.loraplus_lr_ratio = loraplus_lr_ratio
 
     def target_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return targets_or_roles(model, self.targets, ["query", "value"], field="targets")
@@ -89,6 +102,18 @@ class LoRA(MergeableLayers, PeftMethod):
         """Called for every layer :meth:`attach` wrapped: records it (subclasses also configure it)."""
         added = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
         self.record(name, f"LoRA r={self.r} (+{added:,})")
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
+        """LoRA+: every B at ``lr × loraplus_lr_ratio``, the layers' other trainable parameters
+        (A) at ``lr``; None without a ratio (one learning rate)."""
+        if self.loraplus_lr_ratio is None:
+            return None
+        a, b = [], []
+        for module_name in self.modified_modules:  # this method's layers only (compose may hold others)
+            for name, p in model.get_submodule(module_name).named_parameters():
+                if p.requires_grad:
+                    (b if name == "lora_B" else a).append(p)
+        return [{"params": a}, {"params": b, "lr": lr * self.loraplus_lr_ratio}]
 
     # -- Hugging Face PEFT's format --------------------------------------------------------
 

@@ -143,8 +143,10 @@ class QLoRA(LoRA):
         upcast: Literal["norms", "all", "none"] = "norms",
         gradient_checkpointing: bool = True,
         merge_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+        loraplus_lr_ratio: float | None = None,
     ) -> None:
-        super().__init__(r=r, alpha=alpha, targets=targets, dropout=dropout, rslora=rslora)
+        super().__init__(r=r, alpha=alpha, targets=targets, dropout=dropout, rslora=rslora,
+                         loraplus_lr_ratio=loraplus_lr_ratio)
         checks = {
             "dtype": (dtype, ("float32", "bfloat16", "float16", "compute")),
             "quant_type": (quant_type, ("nf4", "fp4")),
