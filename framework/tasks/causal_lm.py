@@ -9,7 +9,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from framework.tasks.base import Task
-from framework.tasks.lm_loss import LMHead, check_loss_options, chunked_lm_loss, headless, lm_head_of
+from framework.tasks.lm_loss import check_loss_options, token_loss
 
 
 class Perplexity(MeanMetric):
@@ -74,23 +74,8 @@ class CausalLM(Task):
             inputs["use_cache"] = False
         # next-token prediction: position t predicts token t+1; prompt and padding carry -100
         labels = batch["labels"][:, 1:]
-        head = lm_head_of(model) if self.chunked_loss else None
-        if head is not None:
-            loss = self._chunked_loss(model, inputs, labels, head)
-        else:
-            logits = model(**inputs).logits
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100
-            )
+        loss = token_loss(model, inputs, labels, self.loss_chunk_size if self.chunked_loss else None, shift=True)
         return loss, (loss.detach(), (labels != -100).sum())
-
-    def _chunked_loss(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, head: LMHead
-    ) -> torch.Tensor:
-        """The loss of :meth:`step` with the head applied to labelled positions only."""
-        with headless(model, head):
-            hidden = model(**inputs).logits  # the final hidden states (B x T x H)
-        return chunked_lm_loss(hidden[:, :-1], labels, head.weight, head.bias, self.loss_chunk_size)
 
     def update_metrics(self, metrics: MetricCollection, batch: dict[str, torch.Tensor], outputs: Any) -> None:
         loss, tokens = outputs

@@ -224,3 +224,24 @@ def chunked_lm_loss(
     targets = labels[keep]
     total = ChunkedCrossEntropy.apply(hidden[keep], weight, bias, targets, chunk_size)
     return total / targets.numel()
+
+
+def token_loss(
+    model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, chunk_size: int | None, shift: bool = False
+) -> torch.Tensor:
+    """Mean cross-entropy of the model's token predictions against ``labels`` (-100 ignored).
+
+    ``shift``: position ``t`` predicts ``labels[:, t]`` of the next token (a causal LM, whose
+    ``labels`` the caller has already cut to ``[:, 1:]``), so the last position is dropped.
+    With ``chunk_size`` the head is applied to labelled positions only (:func:`chunked_lm_loss`)
+    where :func:`lm_head_of` allows it; otherwise (or with ``None``) over the full logits.
+    """
+    head = lm_head_of(model) if chunk_size is not None else None
+    if head is None:
+        logits = model(**inputs).logits
+        logits = logits[:, :-1] if shift else logits
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    with headless(model, head):
+        hidden = model(**inputs).logits  # the final hidden states (B x T x H)
+    hidden = hidden[:, :-1] if shift else hidden
+    return chunked_lm_loss(hidden, labels, head.weight, head.bias, chunk_size)

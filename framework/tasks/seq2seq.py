@@ -18,7 +18,7 @@ from torchmetrics.text.rouge import ROUGEScore
 
 from framework.tasks.base import Task
 from framework.tasks.causal_lm import Perplexity
-from framework.tasks.lm_loss import check_loss_options, chunked_lm_loss, headless, lm_head_of
+from framework.tasks.lm_loss import check_loss_options, token_loss
 from framework.validation import positive_int
 
 
@@ -90,14 +90,7 @@ class Seq2SeqLM(Task):
             "attention_mask": batch["attention_mask"],
             "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels),
         }
-        head = lm_head_of(model) if self.chunked_loss else None
-        if head is not None:
-            with headless(model, head):
-                hidden = model(**inputs).logits  # the decoder's final hidden states
-            loss = chunked_lm_loss(hidden, labels, head.weight, head.bias, self.loss_chunk_size)
-        else:
-            logits = model(**inputs).logits
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        loss = token_loss(model, inputs, labels, self.loss_chunk_size if self.chunked_loss else None)
         generated = None
         if not model.training and self.generate_in_eval and "reference" in batch:
             generated = self.generate(model, batch["input_ids"], batch["attention_mask"])
