@@ -100,3 +100,16 @@ def trained_module(model_config: dict[str, Any], seed: int = 0) -> Any:
         batch = {**padded_ids(), "labels": torch.tensor([0, 1, 1])}
         module.method.select(module.model, lambda b: module.task.step(module.model, b)[0], [batch], progress=False)
     return perturb_trainable(module)
+
+
+def adam_losses(module: Any, batch: dict[str, Any], steps: int, lr: float = 1e-2) -> list[float]:
+    """The task losses of ``steps`` Adam steps on one batch over the trainable parameters."""
+    optimizer = torch.optim.Adam([p for p in module.model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, _ = module.task.step(module.model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -80,6 +80,17 @@ def trained(build):
     return _trained
 
 
+def assert_chunked_equals_standard(module, batch: dict[str, torch.Tensor]) -> None:
+    """The chunked path's loss and every trainable gradient equal the standard path's (RTOL)."""
+    loss, grads = loss_and_grads(module, batch, chunked=True)
+    ref_loss, ref_grads = loss_and_grads(module, batch, chunked=False)
+    assert torch.isfinite(ref_loss)
+    assert_close(loss, ref_loss, RTOL)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], RTOL), name
+
+
 @pytest.mark.parametrize(("backbone", "method", "train_head"), [
     (TINY_LLAMA, "lora", False), (TINY_GPT2, "lora", False), (TINY_LLAMA, "prompt", False),
     (TINY_LLAMA, "prefix", False), (TINY_LLAMA, "lora", True),
@@ -88,14 +99,7 @@ def test_chunked_loss_and_gradients_equal_the_standard_path(trained, backbone, m
     module = trained(backbone, method, train_head=train_head)
     assert module.model.get_output_embeddings().weight.requires_grad == train_head
     assert lm_head_of(module.model).linear is module.model.get_output_embeddings()
-    batch = sft_batch()
-    loss, grads = loss_and_grads(module, batch, chunked=True)
-    ref_loss, ref_grads = loss_and_grads(module, batch, chunked=False)
-    assert torch.isfinite(ref_loss)
-    assert_close(loss, ref_loss, RTOL)
-    assert grads.keys() == ref_grads.keys() and grads
-    for name in grads:
-        assert_close(grads[name], ref_grads[name], RTOL), name
+    assert_chunked_equals_standard(module, sft_batch())
     assert type(module.model.get_output_embeddings()) is nn.Linear  # the head is back
 
 
@@ -108,14 +112,7 @@ def test_seq2seq_chunked_loss_and_gradients_equal_the_standard_path(trained, bac
     assert head is not None and (head.bias_owner is not None) == (backbone is TINY_BART)
     if head.bias_owner is not None:  # a non-zero final_logits_bias, so that folding it in is tested
         head.bias_owner.final_logits_bias.normal_()
-    batch = seq2seq_batch()
-    loss, grads = loss_and_grads(module, batch, chunked=True)
-    ref_loss, ref_grads = loss_and_grads(module, batch, chunked=False)
-    assert torch.isfinite(ref_loss)
-    assert_close(loss, ref_loss, RTOL)
-    assert grads.keys() == ref_grads.keys() and grads
-    for name in grads:
-        assert_close(grads[name], ref_grads[name], RTOL), name
+    assert_chunked_equals_standard(module, seq2seq_batch())
     if head.bias_owner is not None:
         assert head.bias_owner.final_logits_bias.abs().sum() > 0  # the bias is back
 

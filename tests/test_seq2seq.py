@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import TINY_BART, TINY_T5, TOKENIZER, seq2seq_batch, write_recipe
-from helpers import tiny_recipe, trained_module
+from helpers import adam_losses, tiny_recipe, trained_module
 
 from framework.cli import build_module, main
 from framework.formats.fw import write_fw_adapter
@@ -68,15 +68,7 @@ def test_method_trains_round_trips_and_generates_on_encoder_decoders(arch, metho
     torch.manual_seed(0)
     module = fisher_calibrated(build_module(config), seq2seq_batch())
     batch = seq2seq_batch()
-    params = [p for p in module.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss, _ = module.task.step(module.model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = adam_losses(module, batch, steps=8)
     assert losses[-1] < losses[0] - 0.05, losses
 
     module.eval()

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import TINY_BART, TINY_BERT, TINY_T5, TOKENIZER, seq2seq_batch
 from fw_prefix import STORED_KEY, PrefixTuning, add_prefix
+from helpers import adam_losses
 
 from framework.errors import RecipeError
 from framework.method import ExportNotSupportedError
@@ -193,14 +194,7 @@ def test_every_block_gets_a_gradient_and_the_t5_loss_falls(build):
 
     module = build(recipe("t5"))
     frozen = {n: p.detach().clone() for n, p in module.model.named_parameters() if not p.requires_grad}
-    optimizer = torch.optim.Adam([p for p in module.model.parameters() if p.requires_grad], lr=0.01)
-    batch, losses = seq2seq_batch(), []
-    for _ in range(6):
-        loss, _ = module.task.step(module.model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = adam_losses(module, seq2seq_batch(), steps=6)
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(torch.equal(p, frozen[n]) for n, p in module.model.named_parameters() if n in frozen)
 
