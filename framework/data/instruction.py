@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from framework.data.checks import Locate, non_empty, require_columns
-from framework.data.text import TextDataModule
+from framework.data.text import TextDataModule, right_pad
 from framework.errors import FieldError
 
 #: transformers' mask builders that keep packed examples apart from ``position_ids`` alone
@@ -127,16 +127,9 @@ class InstructionData(TextDataModule):
             return {"prompt_input_ids": ids, "prompt_attention_mask": mask, "reference": [r["reference"] for r in rows]}
         if split == "train" and self.pack:
             return packed(rows)
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.as_tensor(r["input_ids"])
-            labels[i, :n] = torch.as_tensor(r["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return {"input_ids": right_pad([r["input_ids"] for r in rows], pad),
+                "attention_mask": right_pad([[1] * len(r["input_ids"]) for r in rows], 0),
+                "labels": right_pad([r["labels"] for r in rows], -100)}
 
     def check_packing(self, model: nn.Module, method: Any) -> None:
         """Refuse ``pack`` where the packed examples would not stay apart (called at setup)."""

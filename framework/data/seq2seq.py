@@ -17,20 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 import datasets
-import torch
 
 from framework.data.checks import Locate, non_empty, require_columns
-from framework.data.text import TextDataModule
+from framework.data.text import TextDataModule, right_pad
 
 COLUMNS_FIELD = "data.source_column / data.target_column"
-
-
-def pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    """Right-pad lists of ids into one (batch, longest) tensor."""
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out
 
 
 class Seq2SeqData(TextDataModule):
@@ -82,10 +73,10 @@ class Seq2SeqData(TextDataModule):
         return self.tokenized(split, data, tokenize)
 
     def collate(self, split: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        ids = pad([r["input_ids"] for r in rows], self.tokenizer.pad_token_id)
-        mask = pad([[1] * len(r["input_ids"]) for r in rows], 0)
+        ids = right_pad([r["input_ids"] for r in rows], self.tokenizer.pad_token_id)
+        mask = right_pad([[1] * len(r["input_ids"]) for r in rows], 0)
         batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
-                                 "labels": pad([r["labels"] for r in rows], -100)}
+                                 "labels": right_pad([r["labels"] for r in rows], -100)}
         if split != "train":  # evaluation scores generated text; predict writes both texts
             batch["reference"] = [r["reference"] for r in rows]
             batch["source"] = [r["source"] for r in rows]

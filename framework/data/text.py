@@ -64,6 +64,14 @@ def grouped_split(
     return {name: data.select(np.flatnonzero(assignment == name)) for name in ["train", *targets]}
 
 
+def right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Right-pad lists of ids into one (batch, longest) tensor."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
 class TextDataModule(LightningDataModule):
     """Base DataModule for text tasks; subclasses say how an example is encoded.
 
