@@ -19,6 +19,7 @@ from framework.data.text import TextDataModule
 from framework.errors import FieldError
 from framework.finite import NonFiniteTrainingError, explain, grad_norm, is_finite
 from framework.formats.fw import AdapterError, architecture
+from framework.lean_mlp import lean_gated_mlps
 from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
 from framework.optim import OptimizerName, build_optimizer, param_groups
@@ -48,6 +49,10 @@ class PeftModule(LightningModule):
         warmup_ratio: fraction of the training steps with a linear warm-up.
         scheduler: learning-rate decay after warm-up.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        lean_mlp: SwiGLU MLPs (Llama, Mistral, Qwen, ...) keep only their two projections'
+            outputs for backward and recompute the SiLU there (:mod:`framework.lean_mlp`):
+            bitwise the same training, a third less MLP activation memory; false: transformers'
+            own forward.
         max_nonfinite_steps: how many steps with a NaN/inf loss or gradient are skipped (nothing
             applied) before the run stops; 0 (default): the first one stops it.
     """
@@ -63,6 +68,7 @@ class PeftModule(LightningModule):
         warmup_ratio: float = 0.06,
         scheduler: Literal["linear", "cosine", "constant"] = "linear",
         gradient_checkpointing: bool = False,
+        lean_mlp: bool = True,
         optimizer: OptimizerName = "adamw",
         max_nonfinite_steps: int = 0,
     ) -> None:
@@ -100,6 +106,7 @@ class PeftModule(LightningModule):
                     "warmup_ratio": warmup_ratio,
                     "scheduler": scheduler,
                     "gradient_checkpointing": gradient_checkpointing,
+                    "lean_mlp": lean_mlp,
                     "optimizer": optimizer,
                     "max_nonfinite_steps": max_nonfinite_steps,
                 }
@@ -108,6 +115,8 @@ class PeftModule(LightningModule):
 
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
         task.configure_model(self.model)
+        if lean_mlp:
+            lean_gated_mlps(self.model)
         self.backbone_params = numel(self.model.parameters())
         self.head_names = head_module_names(self.model)
         self.base_state_keys = set(self.model.state_dict())  # the architecture's own (a merged model has these)

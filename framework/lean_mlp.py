@@ -1,0 +1,69 @@
+"""Gated MLPs that keep less for backward (``model.lean_mlp``, on by default).
+
+A SwiGLU MLP (Llama, Mistral, Qwen, SmolLM, ... in transformers: 129 architectures share the
+line) computes ``down(silu(gate(x)) * up(x))``. Autograd keeps three tensors of the MLP's
+inner width for backward: ``gate(x)`` (for SiLU's derivative), ``silu(gate(x))`` and ``up(x)``
+(for the product's). The middle one is a function of the first, so :class:`SwiGLU` keeps
+only ``gate(x)`` and ``up(x)`` and recomputes ``silu`` in backward, as Liger-Kernel's SwiGLU
+does: a third less of the MLP's saved activations (on SmolLM2-135M at 8 × 512 tokens,
+720 MiB of the step's 4.7 GiB), for one elementwise SiLU more per backward. The forward
+and the gradients are bitwise those of the plain ops (the same kernels in the same order;
+``tests/test_lean_mlp.py``).
+
+Only modules whose ``forward`` is transformers' SwiGLU forward (the same bytecode as
+``LlamaMLP.forward``) with a SiLU activation are changed; any other MLP (BERT's, T5's,
+GeGLU) is left as it is.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up``, saving only ``gate`` and ``up``."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_swiglu_mlp(module: nn.Module) -> bool:
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    forward = type(module).forward
+    reference = LlamaMLP.forward.__code__
+    return (
+        getattr(forward, "__code__", None) is not None
+        and forward.__code__.co_code == reference.co_code
+        and forward.__code__.co_names == reference.co_names
+        and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+        and not module._forward_hooks and not module._forward_pre_hooks
+    )
+
+
+def lean_gated_mlps(model: nn.Module) -> int:
+    """Give every SwiGLU MLP of ``model`` the lean forward; returns how many were changed."""
+    changed = 0
+    for module in model.modules():
+        if _is_swiglu_mlp(module) and "forward" not in module.__dict__:
+            module.forward = types.MethodType(_lean_forward, module)
+            changed += 1
+    return changed
