@@ -46,12 +46,13 @@ from typing import Literal
 
 import torch
 from fw_lora import LoRA, LoRALinear
+from fw_lora.layer import BASE_CHANGING, LoRAInit
 from torch import nn
 
 from framework.backbone import DTYPES
 from framework.method import MergeNotSupportedError, PeftAdapter
 from framework.targeting import ALL_LINEAR, find_modules, head_module_names, linear_types, set_submodule
-from framework.validation import one_of
+from framework.validation import InvalidArgument, one_of
 from fw_qlora.quant import QuantizationError, dequantize_weight, is_4bit, is_quantized_layer, probe, quantize_linear, to_plain
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -121,6 +122,9 @@ class QLoRA(LoRA):
         gradient_checkpointing: recompute activations in the backward pass (and let the frozen
             embeddings' outputs require grad so checkpointed layers pass gradients on).
         merge_dtype: dtype of the model :meth:`merge` and :func:`merged_model` produce.
+        init: how A and B start: ``kaiming`` or ``gaussian`` (as LoRA's); ``pissa``/``olora`` are
+            refused: they move part of W into A and B, and a 4-bit W cannot take the residual
+            exactly (PEFT refuses PiSSA on a quantized base too).
     """
 
     description = "QLoRA: LoRA on a 4-bit NF4 double-quantized frozen backbone (merges to 16-bit)"
@@ -144,9 +148,13 @@ class QLoRA(LoRA):
         gradient_checkpointing: bool = True,
         merge_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
         loraplus_lr_ratio: float | None = None,
+        init: LoRAInit = "kaiming",
     ) -> None:
         super().__init__(r=r, alpha=alpha, targets=targets, dropout=dropout, rslora=rslora,
-                         loraplus_lr_ratio=loraplus_lr_ratio)
+                         loraplus_lr_ratio=loraplus_lr_ratio, init=init)
+        if init in BASE_CHANGING:
+            raise InvalidArgument("init", f"{init} leaves the residual W - s·B·A in the base, which QLoRA stores in 4 bits "
+                                  "(not exactly); use kaiming or gaussian, or LoRA on the full-precision base")
         checks = {
             "dtype": (dtype, ("float32", "bfloat16", "float16", "compute")),
             "quant_type": (quant_type, ("nf4", "fp4")),
