@@ -15,6 +15,7 @@ are exactly the method's (the core then unfreezes the task head when asked to).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -202,6 +203,15 @@ class PeftMethod(ABC):
     def on_after_backward(self, model: nn.Module) -> None:
         """Called after every backward pass, before the optimizer step (e.g. gradient masks)."""
 
+    #: a batch column the method reads, not the model (e.g. which named adapter each example
+    #: uses); None: none. The core takes it out of every batch that has it and runs that
+    #: batch's forward pass inside :meth:`routed`.
+    routing_column: str | None = None
+
+    def routed(self, model: nn.Module, values: Any) -> AbstractContextManager[Any]:
+        """The context a batch's forward pass runs in, given the batch's :attr:`routing_column`."""
+        return nullcontext()
+
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
         """The optimizer's parameter groups this method asks for; None (default): the core's.
 
@@ -213,6 +223,33 @@ class PeftMethod(ABC):
         the schedule scales every group's own ``lr`` (e.g. LoRA+: B at ``lr`` × a ratio).
         """
         return None
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        """A term the core adds to the task's training loss at every training step (e.g. a
+        regularizer of the method's weights); None (default): nothing. Called after the task's
+        forward pass, inside the training step; the core logs the task loss as ``train/loss``,
+        this term as ``train/method_loss`` and their sum (what is minimized) as
+        ``train/total_loss``. Not added in validation or test."""
+        return None
+
+    def on_after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called once after every optimizer step that was applied, while the gradients it used
+        are still there (e.g. importance scores from ``p * p.grad``, rank budgets). ``step``: the
+        optimizer steps taken so far, this one included (1 after the first; with gradient
+        accumulation one call per optimizer step, not per batch). Not called for a step skipped by
+        the non-finite guard (no gradient was applied)."""
+
+    def method_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """State outside the model's parameters that training changes and an exact resume needs
+        (running statistics, masks): tensors only, named as the method likes. Checkpoints hold it
+        beside the trainable weights; default: none."""
+        return {}
+
+    def load_method_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`method_state` returned (when a run resumes); default: there is none."""
+        if state:
+            raise KeyError(f"{type(self).__name__}: the checkpoint holds method state this method does not keep "
+                           f"({sorted(state)[:5]})")
 
     # -- identity -------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ the method's hyper-parameters and the backbone's identity; never the frozen base
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -32,6 +33,8 @@ from framework.tree import render_tree
 from framework.validation import InvalidArgument, method_errors
 
 CHECKPOINT_KEY = "fw"
+#: the checkpoint's entry for :meth:`PeftMethod.method_state` (tensors; absent when a method keeps none)
+METHOD_STATE_KEY = "fw_method_state"
 
 
 class PeftModule(LightningModule):
@@ -93,6 +96,8 @@ class PeftModule(LightningModule):
         self.optimizer = optimizer
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps = 0  # skipped so far
+        self._backwards = 0  # backward passes since the last optimizer step
+        self._step_skipped = False  # the non-finite guard cleared this step's gradients
         self.model = backbone.build(task.auto_model_class(), **task.model_kwargs())
         self.save_hyperparameters(  # after building: a random-init backbone has recorded its seed
             to_config(
@@ -226,6 +231,7 @@ class PeftModule(LightningModule):
             broadcast=strategy.broadcast if strategy is not None else (lambda obj: obj),
             sharded=self._sharding(),
             progress=trainer is None or trainer.is_global_zero,
+            total_steps=(lambda: int(trainer.estimated_stepping_batches)) if trainer is not None else None,
         )
 
     def configure_model(self) -> None:
@@ -250,20 +256,42 @@ class PeftModule(LightningModule):
                 logger.log_hyperparams(counts)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        with method_errors(FieldError):
+        batch, routing = self._routed(batch)
+        with method_errors(FieldError), routing:
             loss, _ = self.task.step(self.model, batch)
-        if self._nonfinite("loss", loss.detach()):
-            return None  # Lightning skips backward and the optimizer step
-        self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
-        return loss
+            extra = self.method.loss_term(self.model) if self.method is not None else None
+        total = loss if extra is None else loss + extra
+        if self._nonfinite("loss", total.detach()):
+            return None  # Lightning skips backward; the optimizer finds no gradient to apply
+        size = self._batch_size(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)  # the task's loss, comparable across methods
+        if extra is not None:
+            self.log("train/method_loss", extra, batch_size=size)
+            self.log("train/total_loss", total, batch_size=size)  # what is minimized
+        return total
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if str(self.trainer.precision) == "16-mixed":
             return  # the loss scaler skips steps with inf gradients and lowers its scale
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self._nonfinite("gradient norm", grad_norm(params)):
+            self._step_skipped = True
             for p in params:
                 p.grad = None  # the optimizer leaves parameters without a gradient alone
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Lightning's step, then :meth:`PeftMethod.on_after_optimizer_step` with the step count,
+        unless nothing was applied (no backward ran since the last step, the non-finite guard
+        cleared the gradients, or the 16-bit loss scaler skipped the step)."""
+        self._step_skipped = False
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None else None
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        backwards, self._backwards = self._backwards, 0
+        skipped = self._step_skipped or not backwards or (scaler is not None and scaler.get_scale() < scale)
+        if self.method is not None and not skipped:
+            with method_errors(FieldError):  # Lightning counts this step once the hook returns: +1
+                self.method.on_after_optimizer_step(self.model, self.trainer.global_step + 1)
 
     def _nonfinite(self, what: str, value: torch.Tensor) -> bool:
         """Whether this step is skipped; raises once more steps went bad than the recipe allows.
@@ -284,7 +312,8 @@ class PeftModule(LightningModule):
         return True
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        with method_errors(FieldError):
+        batch, routing = self._routed(batch)
+        with method_errors(FieldError), routing:
             loss, outputs = self.task.step(self.model, batch)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         self.task.update_metrics(metrics, batch, outputs)
@@ -309,7 +338,8 @@ class PeftModule(LightningModule):
         self._log_metrics("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        with method_errors(FieldError):
+        batch, routing = self._routed(batch)
+        with method_errors(FieldError), routing:
             records = self.task.predict(self.model, batch, self.tokenizer)
         if "text" in batch:
             for record, text in zip(records, batch["text"]):
@@ -317,8 +347,19 @@ class PeftModule(LightningModule):
         return records
 
     def on_after_backward(self) -> None:
+        self._backwards += 1  # since the last optimizer step (optimizer_step resets it)
         if self.method is not None:
             self.method.on_after_backward(self.model)
+
+    def _routed(self, batch: dict[str, Any]) -> tuple[dict[str, Any], AbstractContextManager[Any]]:
+        """The batch without the method's routing column (:attr:`PeftMethod.routing_column`,
+        e.g. each example's named adapter), and the context its forward pass runs in."""
+        column = self.method.routing_column if self.method is not None else None
+        if column is None or column not in batch:
+            return batch, nullcontext()
+        batch = dict(batch)
+        values = batch.pop(column)
+        return batch, self.method.routed(self.model, values)
 
     @staticmethod
     def _batch_size(batch: dict[str, Any]) -> int:
@@ -376,6 +417,9 @@ class PeftModule(LightningModule):
             "task": to_config(self.task),
             "param_counts": self.param_counts().as_dict(),
         }
+        state = self.method.method_state(self.model) if self.method is not None else {}
+        if state:  # e.g. a rank allocator's running scores: tensors, beside the weights
+            checkpoint[METHOD_STATE_KEY] = {k: full_tensor(v) for k, v in state.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The recipe is the authority: a checkpoint of another backbone, method, method
@@ -387,6 +431,8 @@ class PeftModule(LightningModule):
                 f"{'; '.join(found[:6])}{'; ...' if len(found) > 6 else ''}. Use the run's recipe, or pass "
                 "--ckpt_settings adopt to take the checkpoint's (its trust_remote_code is never taken)"
             )
+        if self.method is not None:
+            self.method.load_method_state(self.model, dict(checkpoint.get(METHOD_STATE_KEY) or {}))
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load an adapter-only state dict (keys ``model.<name>``) on top of the backbone."""

@@ -32,6 +32,9 @@ class PrepareContext:
         broadcast: sends rank 0's object to every rank (the identity on one process).
         sharded: the model's weights are sharded over the ranks (FSDP).
         progress: this process may print progress (rank 0).
+        total_steps: a callable returning the optimizer steps the run will take (Lightning's
+            estimate from the epochs or ``max_steps``, the data and gradient accumulation; it
+            loads the training data when called first); None outside a trainer.
     """
 
     model: nn.Module
@@ -44,6 +47,7 @@ class PrepareContext:
     broadcast: Callable[[Any], Any] = lambda obj: obj
     sharded: bool = False
     progress: bool = True
+    total_steps: Callable[[], int] | None = None
 
 
 def unsharded_batches(datamodule: Any) -> Iterable[dict[str, Any]]:

@@ -1,5 +1,5 @@
-"""Hugging Face PEFT's implementations as fw methods (``peft_lora``, ``peft_ia3``, ``peft_prompt``,
-``peft_ptuning``, ``peft_prefix``): the benchmark references of fw's methods.
+"""Hugging Face PEFT's implementations as fw methods (``peft_lora``, ``peft_ia3``, ``peft_vera``,
+``peft_prompt``, ``peft_ptuning``, ``peft_prefix``): the benchmark references of fw's methods.
 
 They must be the same method as fw's (same counts and modules; the same weights give the same
 logits, mean pooling and padding included), train in fw's loop, and round-trip fw's
@@ -124,3 +124,34 @@ def test_refuses_a_causal_lm_and_names_fws_method(build):
     with pytest.raises(ValueError, match=r"model\.method: PeftPromptTuning .*sequence classification.*prompt, ptuning, prefix"):
         build({"backbone": {"config": TINY_LLAMA, "tokenizer": TOKENIZER}, "task": {"class_path": "CausalLM"},
                "method": {"class_path": "peft_prompt"}})
+
+
+def test_peft_vera_is_fws_vera(build):
+    """Same key: the same counts and, with the same vectors, the same logits."""
+    ours, theirs = build(recipe("vera", SHARP_BERT, r=8, projection_prng_key=3)), build(
+        recipe("peft_vera", SHARP_BERT, r=8, projection_prng_key=3))
+    assert ours.param_counts().method_params == theirs.param_counts().method_params == 2 * 2 * (8 + 64)
+    ours_vectors = {n: p for n, p in ours.model.named_parameters() if "vera_lambda" in n}
+    with torch.no_grad():
+        for name, p in theirs.model.named_parameters():
+            if "vera_lambda" in name:
+                value = torch.randn_like(p)
+                p.copy_(value)
+                ours_vectors[name.replace(".default", "")].copy_(value)
+        theirs.model.classifier.load_state_dict(ours.model.classifier.state_dict())
+        batch = padded_batch()
+        torch.testing.assert_close(theirs.model(**batch).logits, ours.model(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_peft_loraplus_groups_are_peft_create_loraplus_optimizers(build):
+    module = build(recipe("peft_lora", r=4, loraplus_lr_ratio=16.0))
+    groups = module.method.param_groups(module.model, 1e-3)
+    by_lr: dict[float, set[int]] = {}
+    for g in groups:  # PEFT's groups: A; B with decay; B and 1-D parameters without
+        by_lr.setdefault(g["lr"], set()).update(id(p) for p in g["params"])
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    fast = {names[i] for i in by_lr[16e-3]}
+    assert {n for n in fast if "lora_B" in n} == {n for n, p in module.model.named_parameters() if "lora_B" in n}
+    assert all("lora_A" in names[i] or "classifier" in names[i] for i in by_lr[1e-3])
+    assert "classifier.bias" in fast  # PEFT's rule: every 1-D trainable parameter at the ratio
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in module.model.parameters())

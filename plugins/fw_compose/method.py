@@ -251,6 +251,29 @@ class Compose(PeftMethod):
         for method in self.methods:
             method.on_after_backward(model)
 
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        """The sum of the parts' loss terms; None when no part has one."""
+        terms = [term for method in self.methods if (term := method.loss_term(model)) is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def on_after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        for method in self.methods:
+            method.on_after_optimizer_step(model, step)
+
+    def method_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The parts' states, each key under ``methods.<i>.``."""
+        return {f"methods.{i}.{k}": v for i, method in enumerate(self.methods) for k, v in method.method_state(model).items()}
+
+    def load_method_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        parts: list[dict[str, torch.Tensor]] = [{} for _ in self.methods]
+        for key, value in state.items():
+            index, dot, rest = key.removeprefix("methods.").partition(".")
+            if not key.startswith("methods.") or not dot or not index.isdigit() or int(index) >= len(self.methods):
+                raise KeyError(f"{type(self).__name__}: method state '{key}' belongs to no part")
+            parts[int(index)][rest] = value
+        for method, part in zip(self.methods, parts):
+            method.load_method_state(model, part)
+
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
         """The parts' groups (e.g. a LoRA+ part's), then one default group of every other
         trainable parameter; None when no part asks for groups."""
