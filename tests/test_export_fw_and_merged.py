@@ -30,6 +30,8 @@ SMALL = {
     "peft_prefix": {"prefix_length": 3, "bottleneck": 8}, "qlora": {"r": 4, "targets": ["query", "value"]},
     "compose": {"methods": [{"class_path": "lora", "init_args": {"r": 2}},
                             {"class_path": "ia3", "init_args": {"targets": ["key"], "feedforward_targets": []}}]},
+    "multi": {"adapters": {"a": {"class_path": "lora", "init_args": {"r": 2}},
+                           "b": {"class_path": "ia3", "init_args": {"targets": ["key"], "feedforward_targets": []}}}},
 }
 MEAN = {"class_path": "Classification", "init_args": {"num_labels": 2, "pooling": "cls"}}
 

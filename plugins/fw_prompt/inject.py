@@ -130,12 +130,15 @@ def prepend_virtual_tokens(
 ) -> dict[str, Any]:
     """The call ``kw`` with ``source()`` in front of its input embeddings (``input_ids``
     embedded by ``word_embeddings``), ``P`` zeros in front of token-type ids and ``P``
-    ``-100`` in front of token-level labels. The attention mask is the caller's business."""
+    ``-100`` in front of token-level labels. The attention mask is the caller's business.
+    ``source()`` is ``(P, hidden)`` (every row alike) or ``(batch, P, hidden)`` (one per row)."""
     embeds = kw.get("inputs_embeds")
     if embeds is None:
         embeds = word_embeddings(kw["input_ids"])
     virtual = source().to(device=embeds.device, dtype=embeds.dtype)
-    kw["inputs_embeds"] = torch.cat([virtual.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
+    if virtual.dim() == 2:
+        virtual = virtual.unsqueeze(0).expand(batch, -1, -1)
+    kw["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
     kw["input_ids"] = None
     if kw.get("token_type_ids") is not None:
         kw["token_type_ids"] = prepend(kw["token_type_ids"], p, 0)

@@ -74,10 +74,14 @@ class PromptTuning(PeftMethod):
         self.init_text = init_text
 
     def attach(self, model: nn.Module) -> None:
+        add_virtual_tokens(model, self.virtual_token_source(model), "prompt tuning")
+
+    def virtual_token_source(self, model: nn.Module) -> PromptEmbedding:
+        """The ``(P, hidden)`` table for ``model``, not yet attached (``fw_multi`` holds several)."""
         table = PromptEmbedding(self.num_virtual_tokens, model.get_input_embeddings(), self.init)
-        add_virtual_tokens(model, table, "prompt tuning")
         size = table.embedding.weight.numel()
         self.record(MODULE_NAME, f"prompt tuning: {self.num_virtual_tokens} virtual tokens (+{size:,})")
+        return table
 
     def prepare(self, context: PrepareContext) -> None:
         """``init: text``: copy the embeddings of the text's tokens (once, before the first fit)."""

@@ -71,19 +71,23 @@ class PTuning(PeftMethod):
         self.encoder_dropout = encoder_dropout
 
     def attach(self, model: nn.Module) -> None:
+        add_virtual_tokens(model, self.virtual_token_source(model), "P-tuning")
+
+    def virtual_token_source(self, model: nn.Module) -> PromptEncoder:
+        """The prompt encoder for ``model``, not yet attached (``fw_multi`` holds several)."""
         words = model.get_input_embeddings().weight
         dim = words.shape[1]
         prompt_encoder = PromptEncoder(
             self.num_virtual_tokens, dim, self.encoder_hidden_size or dim, self.encoder,
             self.encoder_num_layers, self.encoder_dropout, device=words.device,
         )
-        add_virtual_tokens(model, prompt_encoder, "P-tuning")
         size = sum(p.numel() for p in prompt_encoder.parameters())
         self.record(
             MODULE_NAME,
             f"P-tuning: {self.num_virtual_tokens} virtual tokens from a {self.encoder} encoder "
             f"(+{size:,} trained, {self.num_virtual_tokens * dim:,} stored)",
         )
+        return prompt_encoder
 
     @staticmethod
     def prompt_encoder(model: nn.Module) -> PromptEncoder:
