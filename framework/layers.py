@@ -45,3 +45,29 @@ class WrappedLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
+
+
+class AdditiveUpdate(WrappedLayer):
+    """A wrapper that adds ``delta_weight()`` to its base layer's output weight (LoRA, VeRA,
+    AdaLoRA): merging adds the update to the base weight (in float32), unmerging subtracts it."""
+
+    merged: bool
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in the base weight's layout, float32."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _add(self, sign: int) -> None:
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() + sign * self.delta_weight().to(weight.device)).to(weight.dtype))
+
+    def merge(self) -> None:
+        if not self.merged:
+            self._add(1)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._add(-1)
+            self.merged = False

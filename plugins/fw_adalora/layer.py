@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from framework.layers import WrappedLayer, linear_dims
+from framework.layers import AdditiveUpdate, linear_dims
 
 
-class SVDLinear(WrappedLayer):
+class SVDLinear(AdditiveUpdate):
     """``y = base(x) + (dropout(x) @ (A ⊙ E)^T @ B^T) · alpha / (r + 1e-5)``.
 
     ``A`` (r × in: Q, the right singular vectors), ``E`` (r × 1: Λ, the singular values) and
@@ -65,21 +65,6 @@ class SVDLinear(WrappedLayer):
         """``B (A ⊙ E) · alpha / (r + 1e-5)`` in float32, in the base weight's layout."""
         delta = self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float()) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
-
-    @torch.no_grad()
-    def _add(self, sign: int) -> None:
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() + sign * self.delta_weight().to(weight.device)).to(weight.dtype))
-
-    def merge(self) -> None:
-        if not self.merged:
-            self._add(1)
-            self.merged = True
-
-    def unmerge(self) -> None:
-        if self.merged:
-            self._add(-1)
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"init_r={self.r}, rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from framework.layers import WrappedLayer, linear_dims, weight_dtype
+from framework.layers import AdditiveUpdate, linear_dims, weight_dtype
 from framework.validation import InvalidArgument
 from fw_lora.branch import lora_branch
 
@@ -38,7 +38,7 @@ LoRAInit = Literal["kaiming", "gaussian", "pissa", "olora"]
 BASE_CHANGING: tuple[str, ...] = ("pissa", "olora")
 
 
-class LoRALinear(WrappedLayer):
+class LoRALinear(AdditiveUpdate):
     """``y = base(x) + (dropout(x) @ A^T) * scaling @ B^T`` with A (r, in), B (out, r).
 
     A starts kaiming-uniform (a=sqrt(5)) and B at zero, so the wrapped layer starts equal to
@@ -165,22 +165,6 @@ class LoRALinear(WrappedLayer):
         """``scaling * B @ A`` in the base weight's layout (transposed for Conv1D), in fp32."""
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
-        self.merged = False
 
     def extra_repr(self) -> str:
         init = "" if self.init == "kaiming" else f", init={self.init}"

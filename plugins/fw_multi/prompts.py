@@ -35,13 +35,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from fw_prompt.inject import CACHE_MARK, prepend_virtual_tokens
+from fw_prompt.inject import CACHE_MARK, prepend_virtual_tokens, virtual_token_cache
 from torch import nn
 
 from framework.errors import FieldError
 from framework.forward_context import widened
 from framework.virtual_inputs import (
-    cache_keyword,
     check_length,
     extend_positions,
     forward_kwargs,
@@ -50,7 +49,6 @@ from framework.virtual_inputs import (
     output_cache,
     position_limit,
     prepend,
-    seen_positions,
 )
 from fw_multi.layer import BASE, Router
 
@@ -136,13 +134,7 @@ class RoutedVirtualTokens:
             return (), self._with_filler(model, kw, source, prompted)
         batch, length, _ = input_size(kw)
         p = self.num_virtual_tokens
-        cache = kw.get(cache_keyword(model, kw))
-        past = seen_positions(cache)
-        if past and getattr(cache, CACHE_MARK, None) != p:
-            raise ValueError(
-                "the key/value cache passed to the model was not built with this method's virtual tokens; "
-                "start generation from the prompt without a cache"
-            )
+        cache, past = virtual_token_cache(model, kw, p)
         prefill = past == 0
         if prefill:
             check_length(self.max_positions, p, length, "num_virtual_tokens")
@@ -165,13 +157,7 @@ class RoutedVirtualTokens:
         """:meth:`before_forward` for a batch whose rows without a prompt adapter get filler."""
         batch, length, device = input_size(kw)
         p = self.num_virtual_tokens
-        cache = kw.get(cache_keyword(model, kw))
-        past = seen_positions(cache)
-        if past and getattr(cache, CACHE_MARK, None) != p:
-            raise ValueError(
-                "the key/value cache passed to the model was not built with this method's virtual tokens; "
-                "start generation from the prompt without a cache"
-            )
+        cache, past = virtual_token_cache(model, kw, p)
         prefill = past == 0
         real_past = past - p if past else 0  # positions of real tokens already in the cache
         positions = kw.get("position_ids")

@@ -59,6 +59,19 @@ CACHE_MARK = "_fw_virtual_tokens"
 MODULE_NAME = "prompt_encoder"
 
 
+def virtual_token_cache(model: nn.Module, kw: dict[str, Any], p: int) -> tuple[Any, int]:
+    """The call's key/value cache and how many positions it holds; a cache that holds positions
+    but not these ``p`` virtual tokens (built without the method) is an error."""
+    cache = kw.get(cache_keyword(model, kw))
+    past = seen_positions(cache)
+    if past and getattr(cache, CACHE_MARK, None) != p:
+        raise ValueError(
+            "the key/value cache passed to the model was not built with this method's virtual tokens; "
+            "start generation from the prompt without a cache"
+        )
+    return cache, past
+
+
 class VirtualTokenInjector:
     """Prepends ``source()`` (a ``(P, hidden)`` tensor) to the input embeddings of ``model``.
 
@@ -92,13 +105,7 @@ class VirtualTokenInjector:
         kw = forward_kwargs(model, args, kwargs)
         batch, length, _ = input_size(kw)
         p = self.num_virtual_tokens
-        cache = kw.get(cache_keyword(model, kw))
-        past = seen_positions(cache)
-        if past and getattr(cache, CACHE_MARK, None) != p:
-            raise ValueError(
-                "the key/value cache passed to the model was not built with this method's virtual tokens; "
-                "start generation from the prompt without a cache"
-            )
+        cache, past = virtual_token_cache(model, kw, p)
         prefill = past == 0
         if prefill:
             check_length(self.max_positions, p, length, self.field)

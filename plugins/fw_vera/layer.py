@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from framework.layers import WrappedLayer, linear_dims
+from framework.layers import AdditiveUpdate, linear_dims
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -30,7 +30,7 @@ def projections(r: int, in_features: int, out_features: int, key: int) -> tuple[
     return a, b
 
 
-class VeRALinear(WrappedLayer):
+class VeRALinear(AdditiveUpdate):
     """``y = base(x) + λ_b ⊙ (B_s (λ_d ⊙ (A_s dropout(x))))``.
 
     ``A_s``/``B_s``: the first ``in``/``out`` columns/rows of the shared matrices, which are
@@ -75,21 +75,6 @@ class VeRALinear(WrappedLayer):
         a, b = self._sliced()
         delta = (self.vera_lambda_b.float()[:, None] * b.float()) @ (self.vera_lambda_d.float()[:, None] * a.float())
         return delta.T if self.fan_in_fan_out else delta
-
-    @torch.no_grad()
-    def _add(self, sign: int) -> None:
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() + sign * self.delta_weight().to(weight.device)).to(weight.dtype))
-
-    def merge(self) -> None:
-        if not self.merged:
-            self._add(1)
-            self.merged = True
-
-    def unmerge(self) -> None:
-        if self.merged:
-            self._add(-1)
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
