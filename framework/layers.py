@@ -48,8 +48,8 @@ class WrappedLayer(nn.Module):
 
 
 class AdditiveUpdate(WrappedLayer):
-    """A wrapper that adds ``delta_weight()`` to its base layer's output weight (LoRA, VeRA,
-    AdaLoRA): merging adds the update to the base weight (in float32), unmerging subtracts it."""
+    """A wrapper whose method adds ``delta_weight()`` to its base layer's weight (low-rank
+    updates): merging adds the update to the base weight (in float32), unmerging subtracts it."""
 
     merged: bool
 
