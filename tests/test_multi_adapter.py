@@ -212,6 +212,43 @@ def test_training_on_a_mixed_batch_touches_only_the_adapters_in_it(build):
     assert all(torch.equal(p, before[k]) for k, p in module.model.named_parameters() if k in before)
 
 
+def test_training_two_adapters_together_equals_training_each_alone(build):
+    """Disjoint adapters do not interact: SGD on mixed batches gives each adapter the weights
+    of training it alone on its own rows (its loss weighted by its share of the batch, since
+    the task's loss is the batch mean)."""
+    quiet = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    parts = {"sst": {"class_path": "lora", "init_args": {"r": 4}}, "news": IA3}
+    module = build(recipe(quiet, parts), seed=0)
+    perturb_trainable(module)  # B != 0: every LoRA weight gets a gradient from the start
+    alone = {name: as_single(build, quiet, name, module, parts) for name in parts}
+    start = {name: {k: v.clone() for k, v in module.method.adapter_state_dict(module.model, name).items()} for name in parts}
+    modules = [module, *alone.values()]
+    optimizers = [torch.optim.SGD([p for p in m.model.parameters() if p.requires_grad], lr=0.5) for m in modules]
+    for m in modules:
+        m.train()
+    routes = ["sst", "news", "__base__", "news", "sst", "sst"]
+    for step in range(4):
+        ids = padded_ids(6, 9, seed=step)
+        batch = {**ids, "labels": torch.tensor([0, 1, 1, 0, 1, step % 2]), "adapter": routes}
+        inputs, routing = module._routed(batch)
+        with routing:
+            module.task.step(module.model, inputs)[0].backward()
+        for name, single_module in alone.items():
+            picked = [i for i, r in enumerate(routes) if r == name]
+            own = {k: v[picked] for k, v in inputs.items()}
+            (single_module.task.step(single_module.model, own)[0] * len(picked) / len(routes)).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    for name, single_module in alone.items():
+        together = module.method.adapter_state_dict(module.model, name)
+        separate = single_module.method.stored_state_dict(single_module.model)
+        assert together.keys() == separate.keys()
+        assert all(not torch.equal(together[k], start[name][k]) for k in together)  # every weight trained
+        for key in together:
+            torch.testing.assert_close(together[key], separate[key], rtol=1e-5, atol=1e-6)
+
+
 def test_a_fit_on_routed_data_trains_each_adapter_on_its_rows(build, tmp_path):
     from helpers import trainer
 
