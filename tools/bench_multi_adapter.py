@@ -13,8 +13,11 @@ computed
     base          the backbone alone on the whole batch (no adapter), for scale
 
 Each cell is the median of ``--repeats`` timed calls after ``--warmup`` untimed ones, on CPU,
-in eval mode under ``torch.inference_mode``; the configurations take turns call by call. The fw and PEFT logits of the mixed batch are
-compared first (the largest |fw - PEFT| is printed).
+in eval mode under ``torch.inference_mode``; the configurations take turns call by call. The
+fw and PEFT logits of the mixed batch are compared first (the largest |fw - PEFT| is
+printed). Memory: the peak of the bytes held by the tensors one call creates (its activations;
+the weights excluded), counted exactly by a dispatch mode (:class:`TensorBytes`) rather than
+read from RSS.
 
     python tools/bench_multi_adapter.py                      # MiniLM, seq 64, k = 1 2 4 8
     python tools/bench_multi_adapter.py --tiny --repeats 3   # a random tiny BERT (seconds)
@@ -28,10 +31,13 @@ import statistics
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 TINY = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 128, "vocab_size": 30522, "max_position_embeddings": 128}
@@ -50,6 +56,48 @@ def timed(fns: dict[str, Any], warmup: int, repeats: int) -> dict[str, float]:
                 if round_ >= warmup:
                     times[name].append((time.perf_counter() - start) * 1000)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+class TensorBytes(TorchDispatchMode):
+    """Within it: the live bytes of the storages that ops allocate, and their peak (views and
+    in-place results of a tracked storage count once; of an outside tensor, not at all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: dict[int, int] = {}  # storage -> tensors alive on it
+        self.sizes: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.live -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key in inputs and key not in self.refs:
+                continue  # a view of, or a write into, a tensor made outside (a weight, the batch)
+            if key not in self.refs:
+                self.refs[key], self.sizes[key] = 0, t.untyped_storage().nbytes()
+                self.live += self.sizes[key]
+                self.peak = max(self.peak, self.live)
+            self.refs[key] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def peak_mib(fn: Any) -> float:
+    """The peak MiB of the tensors one ``fn()`` creates (under ``torch.inference_mode``)."""
+    counter = TensorBytes()
+    with torch.inference_mode(), counter:
+        fn()
+    return counter.peak / 2**20
 
 
 def fw_module(base: str, k: int, rank: int) -> Any:
@@ -147,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             fns["PEFT mixed"] = lambda theirs=theirs, routes=routes: theirs(**batch, adapter_names=routes)
             fns["PEFT separate"] = peft_separate
         row.update(timed(fns, args.warmup, args.repeats))
+        row["MiB"] = {name: peak_mib(fn) for name, fn in fns.items()}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
 
@@ -158,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|" + "---:|" * len(columns))
     for row in rows:
         print(f"| {row['k']} | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |")
+    print("\npeak MiB of the tensors a call creates (activations)\n")
+    print("| adapters k | " + " | ".join(columns) + " |")
+    print("|---:|" + "---:|" * len(columns))
+    for row in rows:
+        print(f"| {row['k']} | " + " | ".join(f"{row['MiB'][c]:.1f}" for c in columns) + " |")
     if "max |fw - PEFT|" in rows[0]:
         print(f"\nlargest |fw - PEFT| logit difference of the mixed batch: {max(r['max |fw - PEFT|'] for r in rows):.2g}")
     if args.json is not None:
