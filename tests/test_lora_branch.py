@@ -211,8 +211,8 @@ def test_the_branch_saves_its_input_and_the_rank_r_activations_only():
     layer = make_layer(dropout=0.3).train()
     x = torch.randn(3, 5, IN, requires_grad=True)
     saved = saved_storages(lambda: layer(x), layer)
-    assert x.untyped_storage().data_ptr() in saved and len(saved) == 2  # x itself, not a copy; and h
-    assert sum(saved.values()) == (3 * 5 * IN + 3 * 5 * R) * 4  # x and h, float32
+    assert x.untyped_storage().data_ptr() in saved and len(saved) == 3  # x itself, not a copy; h; the mask's bits
+    assert sum(saved.values()) == (3 * 5 * IN + 3 * 5 * R) * 4 + -(-3 * 5 * IN // 8)  # x and h, float32; 1 bit a mask entry
     with patch.object(lora_layer, "lora_branch", plain_lora_branch):
         plain = saved_storages(lambda: layer(x), layer)
     assert sum(plain.values()) == (2 * 3 * 5 * IN + 3 * 5 * R) * 4  # CPU dropout's noise and dropout(x), and h

@@ -10,19 +10,19 @@ with all seven projections adapted those copies are about half again the block's
 saved activations.
 
 :class:`LoRABranch` keeps ``x`` itself (the q/k/v and the gate/up projections read the same
-tensor, so it is stored once), the rank-r ``h`` and the state the random generator had
-before the mask was drawn. Its backward replays that state and draws the mask again:
+tensor, so it is stored once), the rank-r ``h`` and what gives back the dropout mask:
 
-- the forward calls ``F.dropout`` on the default generator of ``x``'s device exactly as
-  ``nn.Dropout`` would, so the masks and the global random stream (what a training run
-  consumes, what ``tests/test_resume.py``'s exact resume relies on) are the ones the plain
-  layer had, bit for bit, on every device;
-- the backward draws the same ``F.dropout(x)`` again inside ``torch.random.fork_rng`` with
-  the saved state (what ``torch.utils.checkpoint`` does to replay dropout), so the
-  backward mask is the forward mask and the global stream is left where it was.
-
-The cost is one extra elementwise dropout of ``x`` per layer in backward, and the saved
-generator state (16 bytes on CUDA; 5,056 bytes for the CPU Mersenne twister, per call).
+- on CPU, the mask as bits (1/32 of ``x``'s float32 bytes). The forward draws it with
+  ``F.dropout``'s own steps there (``empty_like(x).bernoulli_(1 - p)``, divided by ``1 - p``,
+  times ``x``), so outputs, masks and the global random stream are the plain layer's bit for
+  bit; the backward unpacks it. Drawing a mask is the expensive part of dropout on CPU
+  (a Mersenne-twister draw per element: 2.5 ms for 8 × 136 × 576), packing and unpacking
+  cost a fifth of that each;
+- elsewhere (CUDA's fused dropout draws from a counter-based generator, cheaply), the state
+  the generator had before the mask was drawn: the forward calls ``F.dropout`` as
+  ``nn.Dropout`` would, and the backward draws it again inside ``torch.random.fork_rng`` with
+  that state (what ``torch.utils.checkpoint`` does to replay dropout), leaving the global
+  stream where it was.
 """
 
 from __future__ import annotations
@@ -76,39 +76,68 @@ class LoRABranch(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.scaling, ctx.p = scaling, p
         ctx.autocast = autocast_state(x.device.type)
-        ctx.rng = rng_state(x.device) if p > 0 else None
-        dropped = F.dropout(x, p, training=True) if p > 0 else x
+        ctx.rng, bits = None, None
+        if p > 0 and x.device.type == "cpu":  # F.dropout's steps on CPU, keeping the mask as bits
+            noise = torch.empty_like(x).bernoulli_(1 - p)
+            bits = pack_bits(noise)
+            dropped = x * noise.div_(1 - p)
+        elif p > 0:
+            ctx.rng = rng_state(x.device)
+            dropped = F.dropout(x, p, training=True)
+        else:
+            dropped = x
         h = F.linear(dropped.to(lora_a.dtype), lora_a) * scaling
-        ctx.save_for_backward(x, lora_a, lora_b, h)
+        ctx.save_for_backward(x, lora_a, lora_b, h, bits)
         return F.linear(h, lora_b)
 
     @staticmethod
     @once_differentiable  # a second derivative (create_graph=True) raises instead of being wrong
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, lora_a, lora_b, h = ctx.saved_tensors
+        x, lora_a, lora_b, h, bits = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         enabled, dtype = ctx.autocast
         with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
             grad_b = _rows(grad).t().mm(_rows(h)).to(lora_b.dtype) if need_b else None
             grad_h = torch.matmul(grad, lora_b) * ctx.scaling if need_a or need_x else None
-            x_cast, to_grad_x = _input_and_its_vjp(ctx, x, lora_a.dtype, need_x)
+            x_cast, to_grad_x = _input_and_its_vjp(ctx, x, bits, lora_a.dtype, need_x)
             grad_a = _rows(grad_h).t().mm(_rows(x_cast)).to(lora_a.dtype) if need_a else None
             grad_x = to_grad_x(torch.matmul(grad_h, lora_a).to(x_cast.dtype)) if need_x else None
         return grad_x, grad_a, grad_b, None, None
 
 
 def _input_and_its_vjp(
-    ctx: Any, x: torch.Tensor, dtype: torch.dtype, need_x: bool
+    ctx: Any, x: torch.Tensor, bits: torch.Tensor | None, dtype: torch.dtype, need_x: bool
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """``dropout(x).to(dtype)`` with the forward's mask (drawn again from the saved generator
-    state), and the map from its gradient to ``x``'s (the same ops' backward, mask included)."""
+    """``dropout(x).to(dtype)`` with the forward's mask (unpacked from ``bits``, or drawn again
+    from the saved generator state), and the map from its gradient to ``x``'s (the same ops'
+    backward, mask included)."""
     if ctx.p == 0:
         return x.to(dtype), lambda grad: grad.to(x.dtype)
+    if bits is not None:
+        noise = unpack_bits(bits, x.shape).to(x.dtype).div_(1 - ctx.p)
+        return (x * noise).to(dtype), lambda grad: grad.to(x.dtype) * noise
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(need_x)
         with replayed_rng(x.device, ctx.rng):
             x_cast = F.dropout(x_in, ctx.p, training=True).to(dtype)
     return x_cast.detach(), lambda grad: torch.autograd.grad(x_cast, x_in, grad)[0]
+
+
+#: the value of each bit in a byte of a packed mask
+_BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """The non-zero entries of ``mask`` as bits, 8 per byte (flat; zero-padded to a multiple of 8)."""
+    flat = mask.reshape(-1) != 0
+    flat = F.pad(flat, (0, -flat.numel() % 8)) if flat.numel() % 8 else flat
+    return (flat.view(-1, 8).view(torch.uint8) * _BIT_VALUES.to(mask.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The bool mask of ``shape`` that :func:`pack_bits` packed."""
+    flat = ((bits[:, None] & _BIT_VALUES.to(bits.device)) != 0).reshape(-1)
+    return flat[: shape.numel()].view(shape)
 
 
 def lora_branch(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
@@ -124,4 +153,5 @@ def plain_lora_branch(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
     return F.linear(F.linear(dropped.to(lora_a.dtype), lora_a) * scaling, lora_b)
 
 
-__all__ = ["LoRABranch", "autocast_state", "lora_branch", "plain_lora_branch", "replayed_rng", "rng_state"]
+__all__ = ["LoRABranch", "autocast_state", "lora_branch", "pack_bits", "plain_lora_branch", "replayed_rng", "rng_state",
+           "unpack_bits"]
