@@ -66,7 +66,7 @@ def names_matching(model: nn.Module, patterns: list[str]) -> list[str]:
 
 def refuse_unknown_options(config: dict[str, Any], understood: set[str], method: str) -> None:
     """Every field of ``config`` that fw does not read must be at PEFT's default: an option fw
-    cannot reproduce (DoRA, per-module ranks, trained biases, ...) is an error, not a silent
+    cannot reproduce (weight decomposition, per-module ranks, trained biases, ...) is an error, not a silent
     change of what the adapter computes."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
