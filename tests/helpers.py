@@ -113,3 +113,17 @@ def adam_losses(module: Any, batch: dict[str, Any], steps: int, lr: float = 1e-2
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def module_from_adapter(folder: Path, model_config: dict[str, Any], seed: int = 5) -> Any:
+    """What ``fw ... --adapter folder`` builds: the recipe updated by the folder's method
+    settings, built under ``seed`` (a random-init backbone's weights come from its own seed),
+    the folder's weights loaded; in eval mode."""
+    from framework.cli import build_module
+    from framework.formats.source import read_adapter, updated
+
+    adapter = read_adapter(folder)
+    torch.manual_seed(seed)
+    module = build_module(updated(model_config, adapter.model_update(model_config)))
+    adapter.load_into(module)
+    return module.eval()

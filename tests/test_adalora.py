@@ -215,12 +215,10 @@ def _pruned(module) -> dict[str, list[bool]]:
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_fw_and_peft_formats_round_trip_with_the_rank_pattern(kind, tmp_path, request):
     peft = pytest.importorskip("peft")
-    from helpers import trained_module
+    from helpers import module_from_adapter, trained_module
 
-    from framework.cli import build_module
     from framework.formats.fw import write_fw_adapter
     from framework.formats.peft import write_peft_adapter
-    from framework.formats.source import read_adapter, updated
 
     base = request.getfixturevalue(f"tiny_{kind}_dir")
     config = {"backbone": {"name_or_path": base, "tokenizer": TOKENIZER},
@@ -244,12 +242,9 @@ def test_fw_and_peft_formats_round_trip_with_the_rank_pattern(kind, tmp_path, re
     write_fw_adapter(module, tmp_path / "fw")
     diffs = {"peft": peft_diff}
     for folder in ("peft", "fw"):
-        adapter = read_adapter(tmp_path / folder)
-        torch.manual_seed(5)
-        fresh = build_module(updated(config, adapter.model_update(config)))
-        adapter.load_into(fresh)
+        fresh = module_from_adapter(tmp_path / folder, config)
         with torch.no_grad():
-            diffs[f"{folder} -> fw"] = (fresh.eval().model(**batch).logits - ours).abs().max().item()
+            diffs[f"{folder} -> fw"] = (fresh.model(**batch).logits - ours).abs().max().item()
         ranks = sorted(m.rank for m in fresh.method.svd_layers(fresh.model).values())
         assert ranks == sorted(sum(v) for v in pattern.values()), folder
     print(f"{kind}: max |logit differences| {diffs}")
