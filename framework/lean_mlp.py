@@ -10,6 +10,11 @@ does: a third less of the MLP's saved activations (on SmolLM2-135M at 8 × 512 t
 and the gradients are bitwise those of the plain ops (the same kernels in the same order;
 ``tests/test_lean_mlp.py``).
 
+The MLP's output ``silu(gate(x)) * up(x)`` is the input of ``down_proj``; a method's layer
+there that saves its input for backward (fw's LoRA branch) can keep ``gate(x)`` and
+``up(x)`` instead, which :class:`SwiGLU` keeps anyway, and recompute the product
+(:func:`recompute_recipe`): another inner-width tensor per layer less.
+
 Only modules whose ``forward`` is transformers' SwiGLU forward (the same bytecode as
 ``LlamaMLP.forward``) with a SiLU activation are changed; any other MLP (BERT's, T5's,
 GeGLU) is left as it is.
@@ -31,7 +36,7 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return swiglu(gate, up)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -41,8 +46,28 @@ class SwiGLU(torch.autograd.Function):
         return grad_gate, grad_up
 
 
+#: the attribute of a tensor the lean MLP made: ``(function, inputs)`` that give it again
+RECOMPUTE = "fw_recompute"
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` as :class:`SwiGLU`'s forward computes it (bit for bit)."""
+    return F.silu(gate) * up
+
+
+def recompute_recipe(t: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, ...]] | None:
+    """``(function, inputs)`` giving ``t`` again, bit for bit, from tensors autograd keeps
+    anyway, when ``t`` is a lean MLP's ``silu(gate) * up``; None otherwise. A method's layer
+    on ``down_proj`` that saves its input for backward may save these inputs instead."""
+    return getattr(t, RECOMPUTE, None)
+
+
 def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    hidden = SwiGLU.apply(gate, up)
+    if hidden.requires_grad:  # SwiGLU keeps gate and up for its backward: hidden can come back from them
+        setattr(hidden, RECOMPUTE, (swiglu, (gate, up)))
+    return self.down_proj(hidden)
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:

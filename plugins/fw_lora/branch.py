@@ -35,6 +35,8 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from framework.lean_mlp import recompute_recipe
+
 
 def rng_state(device: torch.device) -> torch.Tensor:
     """The state of ``device``'s default random generator (what ``F.dropout`` draws from)."""
@@ -87,13 +89,16 @@ class LoRABranch(torch.autograd.Function):
         else:
             dropped = x
         h = F.linear(dropped.to(lora_a.dtype), lora_a) * scaling
-        ctx.save_for_backward(x, lora_a, lora_b, h, bits)
+        recipe = recompute_recipe(x)  # x = silu(gate) * up of a lean MLP: keep gate and up, kept anyway
+        ctx.recompute, inputs = recipe if recipe is not None else (None, (x,))
+        ctx.save_for_backward(lora_a, lora_b, h, bits, *inputs)
         return F.linear(h, lora_b)
 
     @staticmethod
     @once_differentiable  # a second derivative (create_graph=True) raises instead of being wrong
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, lora_a, lora_b, h, bits = ctx.saved_tensors
+        lora_a, lora_b, h, bits, *inputs = ctx.saved_tensors
+        x = ctx.recompute(*inputs) if ctx.recompute is not None else inputs[0]
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         enabled, dtype = ctx.autocast
         with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
