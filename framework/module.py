@@ -25,7 +25,7 @@ from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
 from framework.optim import OptimizerName, build_optimizer, param_groups
 from framework.prepare import PrepareContext, unsharded_batches
-from framework.settings import differences
+from framework.settings import differences, method_defaults
 from framework.sharding import full_tensor, is_sharded, shard_like, shard_model
 from framework.targeting import head_module_names
 from framework.tasks import Classification, Task
@@ -424,7 +424,7 @@ class PeftModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The recipe is the authority: a checkpoint of another backbone, method, method
         arguments or head is refused before its weights are loaded (framework/settings.py)."""
-        found = differences(dict(self.hparams), checkpoint.get("hyper_parameters") or {})
+        found = differences(dict(self.hparams), checkpoint.get("hyper_parameters") or {}, method_defaults(self.method))
         if found:
             raise AdapterError(
                 f"--ckpt_path: the checkpoint was trained with other settings than the recipe's: "

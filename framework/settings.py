@@ -10,6 +10,7 @@ code the recipe never named.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 BACKBONE_FIELDS = ("name_or_path", "config", "dtype", "revision", "gguf_file", "seed")
@@ -43,14 +44,19 @@ def weight_settings(hparams: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def differences(recipe: dict[str, Any], checkpoint: dict[str, Any]) -> list[str]:
+def differences(recipe: dict[str, Any], checkpoint: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
     """``field: recipe X, checkpoint Y`` for every weight setting that differs (a seed the
-    checkpoint did not record is not a difference)."""
+    checkpoint did not record is not a difference). ``defaults``: field -> the default of the
+    recipe method's argument; a field the checkpoint does not have at all (written before the
+    method had that argument) is not a difference where the recipe keeps its default."""
     ours, theirs = weight_settings(recipe), weight_settings(checkpoint)
+    defaults = defaults or {}
     out = []
     for key in sorted(ours.keys() | theirs.keys()):
         a, b = ours.get(key), theirs.get(key)
         if key.endswith(".seed") and (a is None or b is None):
+            continue
+        if key not in theirs and key in defaults and a == defaults[key]:
             continue
         if a != b:
             out.append(f"{key}: recipe {a!r}, checkpoint {b!r}")
@@ -64,3 +70,11 @@ def adopted(checkpoint: dict[str, Any], trust_remote_code: bool) -> dict[str, An
     if isinstance(update.get("backbone"), dict):
         update["backbone"] = {**update["backbone"], "trust_remote_code": trust_remote_code}
     return update
+
+
+def method_defaults(method: Any) -> dict[str, Any]:
+    """The defaults of ``method``'s ``__init__`` arguments, as :func:`differences` names them."""
+    if method is None:
+        return {}
+    parameters = inspect.signature(type(method).__init__).parameters.values()
+    return {f"model.method.init_args.{p.name}": p.default for p in parameters if p.default is not inspect.Parameter.empty}

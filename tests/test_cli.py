@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOKENIZER, write_recipe
+from conftest import TINY_BERT, TOKENIZER, write_recipe
 from helpers import tiny_recipe
 
 from framework.cli import main
@@ -215,3 +215,25 @@ def test_causal_lm_fit_and_predict_generate_text(tmp_path, instruction_jsonl):
     assert {r["reference"] for r in records} <= {"yes it is good", "no it is bad"}
     # the tuned model learned the answer format: every generation starts with yes or no
     assert all(r["generated"].split()[0] in ("yes", "no") for r in records), records
+
+
+def test_a_checkpoint_from_before_a_method_argument_existed_loads_when_the_recipe_keeps_its_default(build):
+    """A LoRA checkpoint without ``init`` (written before LoRA had it) is the recipe's
+    ``init: kaiming``; a recipe asking for another init is still refused, naming the field."""
+    import copy
+
+    from framework.formats.fw import AdapterError
+
+    def older(module) -> dict:
+        hparams = copy.deepcopy(dict(module.hparams))
+        for name in ("init", "pissa_niter", "loraplus_lr_ratio"):
+            del hparams["method"]["init_args"][name]
+        return {"hyper_parameters": hparams}
+
+    recipe = {"backbone": {"config": TINY_BERT, "tokenizer": TOKENIZER}, "method": {"class_path": "lora"}}
+    module = build(recipe)
+    module.on_load_checkpoint(older(module))  # no error: every missing argument is at its default
+    other = build({**recipe, "method": {"class_path": "lora", "init_args": {"init": "gaussian"}}})
+    with pytest.raises(AdapterError, match="model.method.init_args.init: recipe 'gaussian', checkpoint None"):
+        other.on_load_checkpoint(older(module))
+    assert "init" in dict(module.hparams)["method"]["init_args"]  # the test removed it from a copy only
