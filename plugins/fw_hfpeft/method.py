@@ -35,6 +35,10 @@ class _Injected(PeftMethod):
         except ImportError as e:
             raise ImportError(f"{type(self).__name__} needs Hugging Face PEFT: pip install peft") from e
         inject_adapter_in_model(self.peft_config(model), model)
+        self.record_layers(model)
+
+    def record_layers(self, model: nn.Module) -> None:
+        """Record every PEFT tuner layer in ``model`` with the parameters it added."""
         for name, layer in _tuner_layers(model):
             added = sum(p.numel() for p in layer.parameters() if p.requires_grad)
             self.record(name, f"PEFT {type(layer).__name__} (+{added:,})")
@@ -134,7 +138,7 @@ class PeftIA3(_Injected):
         return IA3Config(target_modules=peft_pattern(kv + ffn), feedforward_modules=peft_pattern(ffn))
 
 
-class PeftAdaLoRA(PeftMethod):
+class PeftAdaLoRA(_Injected):
     """Hugging Face PEFT's AdaLoRA (for comparison with fw's ``adalora``): PEFT's ``AdaLoraModel``
     injects its ``SVDLinear`` layers; its orthogonal regularization (PEFT adds it in
     ``AdaLoraModel.forward`` when the model returns a loss; fw's tasks compute the loss) is the
@@ -154,8 +158,12 @@ class PeftAdaLoRA(PeftMethod):
         self.beta1, self.beta2, self.orth_reg_weight, self.total_step = beta1, beta2, orth_reg_weight, total_step
         self.alpha, self.dropout, self.targets = alpha, dropout, targets
 
-    def peft_config(self, model: nn.Module, total_step: int) -> Any:
+    def peft_config(self, model: nn.Module) -> Any:
+        """PEFT's config; PEFT checks the schedule when it is made, so without ``total_step`` a
+        placeholder stands until :meth:`prepare` reads the run's step count."""
         from peft import AdaLoraConfig
+
+        total_step = self.total_step if self.total_step is not None else self.tinit + self.tfinal + 1
 
         targets = self.targets or _suffixes(model, ["query", "value"])
         return AdaLoraConfig(
@@ -166,14 +174,9 @@ class PeftAdaLoRA(PeftMethod):
     def attach(self, model: nn.Module) -> None:
         from peft.tuners.adalora import AdaLoraModel
 
-        # PEFT checks the schedule when the config is made: without total_step, a placeholder
-        # until prepare() reads the run's step count
-        total = self.total_step if self.total_step is not None else self.tinit + self.tfinal + 1
-        tuner = AdaLoraModel(model, self.peft_config(model, total), "default")
+        tuner = AdaLoraModel(model, self.peft_config(model), "default")
         self.__dict__["_tuner"] = tuner  # PEFT's allocator and config; the layers are in ``model``
-        for name, layer in _tuner_layers(model):
-            added = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-            self.record(name, f"PEFT {type(layer).__name__} (+{added:,})")
+        self.record_layers(model)
 
     @property
     def tuner(self) -> Any:
@@ -199,14 +202,6 @@ class PeftAdaLoRA(PeftMethod):
 
     def on_after_optimizer_step(self, model: nn.Module, step: int) -> None:
         self.tuner.update_and_allocate(step)
-
-    def merge(self, model: nn.Module) -> None:
-        for _, layer in _tuner_layers(model):
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for _, layer in _tuner_layers(model):
-            layer.unmerge()
 
 
 class PeftVeRA(_Injected):
@@ -236,6 +231,4 @@ class PeftVeRA(_Injected):
         from peft.tuners.vera import VeraModel
 
         VeraModel(model, self.peft_config(model), "default")
-        for name, layer in _tuner_layers(model):
-            added = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-            self.record(name, f"PEFT {type(layer).__name__} (+{added:,})")
+        self.record_layers(model)
