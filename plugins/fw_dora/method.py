@@ -39,7 +39,6 @@ from torch import nn
 from framework.layers import WeightDType
 from framework.method import ExportNotSupportedError, PeftAdapter
 from framework.peft_compat import fw_targets, peft_targets, refuse_unknown_options
-from framework.targeting import set_submodule
 from fw_dora.layer import DoRALinear
 
 #: PEFT's name of the magnitude (``<module>.lora_magnitude_vector`` in a saved adapter) and fw's
@@ -64,6 +63,7 @@ class DoRA(LoRA):
 
     description = "DoRA: LoRA on the weights' direction plus a trained magnitude per output row (mergeable)"
     layer_type: type[DoRALinear] = DoRALinear
+    label = "DoRA"
 
     def __init__(
         self,
@@ -77,16 +77,6 @@ class DoRA(LoRA):
     ) -> None:
         super().__init__(r=r, alpha=alpha, targets=targets, dropout=dropout, rslora=rslora, dtype=dtype,
                          loraplus_lr_ratio=loraplus_lr_ratio)
-
-    def attach(self, model: nn.Module) -> None:
-        for name, layer in self.target_modules(model):
-            wrapped = self.layer_type(layer, self.r, self.alpha, self.dropout, self.rslora, self.adapter_dtype(layer))
-            set_submodule(model, name, wrapped)
-            self.on_wrapped(name, wrapped)
-
-    def on_wrapped(self, name: str, wrapped: nn.Module) -> None:
-        added = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-        self.record(name, f"DoRA r={self.r} (+{added:,})")
 
     # -- Hugging Face PEFT's format: LoRA with use_dora ------------------------------------------
 

@@ -38,7 +38,7 @@ base). For those two the trained model is ``W_res + s·B·A = W + s·(B·A - B0�
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -97,6 +97,8 @@ class LoRA(MergeableLayers, PeftMethod):
     #: the wrapper put around each target, and what merge() visits (hybrids substitute a
     #: subclass, e.g. a gated one)
     layer_type: type[LoRALinear] = LoRALinear
+    #: how ``fw inspect`` and the fit summary name a wrapped layer
+    label: ClassVar[str] = "LoRA"
 
     def __init__(
         self,
@@ -135,7 +137,7 @@ class LoRA(MergeableLayers, PeftMethod):
     def attach(self, model: nn.Module) -> None:
         for name, layer in self.target_modules(model):
             wrapped = self.layer_type(layer, self.r, self.alpha, self.dropout, self.rslora, self.adapter_dtype(layer))
-            wrapped.initialize(getattr(self, "init", "kaiming"), getattr(self, "pissa_niter", None))
+            wrapped.initialize(self.init, self.pissa_niter)
             set_submodule(model, name, wrapped)
             self.on_wrapped(name, wrapped)
 
@@ -146,7 +148,7 @@ class LoRA(MergeableLayers, PeftMethod):
     def on_wrapped(self, name: str, wrapped: LoRALinear) -> None:
         """Called for every layer :meth:`attach` wrapped: records it (subclasses also configure it)."""
         added = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-        self.record(name, f"LoRA r={self.r} (+{added:,})")
+        self.record(name, f"{self.label} r={self.r} (+{added:,})")
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
         """LoRA+: every B at ``lr × loraplus_lr_ratio``, the layers' other trainable parameters
