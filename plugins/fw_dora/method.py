@@ -38,7 +38,7 @@ from torch import nn
 
 from framework.layers import WeightDType
 from framework.method import ExportNotSupportedError, PeftAdapter
-from framework.peft_compat import fw_targets, peft_targets, refuse_unknown_options
+from framework.peft_compat import fw_targets, refuse_unknown_options
 from fw_dora.layer import DoRALinear
 
 #: PEFT's name of the magnitude (``<module>.lora_magnitude_vector`` in a saved adapter) and fw's
@@ -64,6 +64,7 @@ class DoRA(LoRA):
     description = "DoRA: LoRA on the weights' direction plus a trained magnitude per output row (mergeable)"
     layer_type: type[DoRALinear] = DoRALinear
     label = "DoRA"
+    peft_layer = DoRALinear
 
     def __init__(
         self,
@@ -81,25 +82,13 @@ class DoRA(LoRA):
     # -- Hugging Face PEFT's format: LoRA with use_dora ------------------------------------------
 
     def to_peft(self, model: nn.Module) -> PeftAdapter:
-        layers = {n: m for n in self.modified_modules if isinstance(m := model.get_submodule(n), DoRALinear)}
-        if any(type(m).forward is not DoRALinear.forward for m in layers.values()):
-            raise ExportNotSupportedError(f"{type(self).__name__}'s layers compute more than PEFT's DoRA does, so PEFT cannot load them")
-        conv1d = {m.fan_in_fan_out for m in layers.values()}
-        if len(conv1d) > 1:
-            raise ExportNotSupportedError(
-                "DoRA targets both Linear and GPT-2 Conv1D modules; PEFT's fan_in_fan_out is one setting per adapter"
-            )
+        """LoRA's PEFT form with ``use_dora`` and each layer's magnitude vector."""
+        adapter = super().to_peft(model)
         stored = self.stored_state_dict(model)
-        weights: dict[str, torch.Tensor] = {}
-        for name in layers:
-            weights[f"{name}.lora_A.weight"] = stored[f"{name}.lora_A"]
-            weights[f"{name}.lora_B.weight"] = stored[f"{name}.lora_B"]
-            weights[f"{name}.{PEFT_MAGNITUDE}"] = stored[f"{name}.{MAGNITUDE}"]
-        config = {
-            "peft_type": "LORA", "use_dora": True, "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-            "use_rslora": self.rslora, "fan_in_fan_out": conv1d == {True}, "target_modules": peft_targets(model, layers),
-        }
-        return PeftAdapter(config, weights)
+        for name in self.modified_modules:
+            adapter.weights[f"{name}.{PEFT_MAGNITUDE}"] = stored[f"{name}.{MAGNITUDE}"]
+        adapter.config["use_dora"] = True
+        return adapter
 
     @classmethod
     def from_peft(cls, config: dict[str, Any]) -> dict[str, Any]:

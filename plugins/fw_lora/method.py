@@ -99,6 +99,8 @@ class LoRA(MergeableLayers, PeftMethod):
     layer_type: type[LoRALinear] = LoRALinear
     #: how ``fw inspect`` and the fit summary name a wrapped layer
     label: ClassVar[str] = "LoRA"
+    #: the layer whose forward PEFT's form computes (a subclass computing more cannot export)
+    peft_layer: ClassVar[type[LoRALinear]] = LoRALinear
 
     def __init__(
         self,
@@ -207,16 +209,16 @@ class LoRA(MergeableLayers, PeftMethod):
         (``save_pretrained(path_initial_model_for_weight_conversion=...)``): ``A' = [A; A0]``,
         ``B' = [B, -B0]``, r and lora_alpha doubled (rsLoRA: lora_alpha × sqrt(2))."""
         layers = {n: m for n in self.modified_modules if isinstance(m := model.get_submodule(n), LoRALinear)}
-        plain = {n for n, m in layers.items() if type(m).forward is LoRALinear.forward}
+        plain = {n for n, m in layers.items() if type(m).forward is self.peft_layer.forward}
         if plain != set(layers):
             raise ExportNotSupportedError(
                 f"{type(self).__name__}'s layers ({type(next(iter(layers.values()))).__name__}) compute more than "
-                "PEFT's LoRA does, so PEFT cannot load them"
+                f"PEFT's {self.label} does, so PEFT cannot load them"
             )
         conv1d = {m.fan_in_fan_out for m in layers.values()}
         if len(conv1d) > 1:
             raise ExportNotSupportedError(
-                "LoRA targets both Linear and GPT-2 Conv1D modules; PEFT's fan_in_fan_out is one setting per adapter"
+                f"{self.label} targets both Linear and GPT-2 Conv1D modules; PEFT's fan_in_fan_out is one setting per adapter"
             )
         stored = self.stored_state_dict(model)
         converted = set(self.initialized_layers(model))
