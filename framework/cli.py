@@ -294,24 +294,43 @@ def construction_error(err: BaseException, method_config: Any) -> str:
 
 
 def failing_part(config: Any, path: str) -> str:
-    """The recipe path of the innermost composed part whose construction fails (``path`` when
+    """The recipe path of the innermost nested part whose construction fails (``path`` when
     ``config`` has no parts or none fails alone)."""
-    parts = (config.get("init_args") or {}).get("methods") if isinstance(config, dict) else None
-    for i, part in enumerate(parts if isinstance(parts, list) else []):
+    for where, part in method_parts(config):
         try:
             build_method(part)
         except InvalidArgument:
-            return failing_part(part, f"{path}.init_args.methods[{i}]")
+            return failing_part(part, f"{path}.init_args.{where}")
         except Exception:  # noqa: BLE001 - another kind of failure: not this part's argument
             continue
     return path
 
 
+def holds_methods(value: Any) -> bool:
+    """Whether an argument's value is a list or mapping of method configs (``class_path``)."""
+    items = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else []
+    return bool(items) and all(isinstance(v, dict) and "class_path" in v for v in items)
+
+
+def method_parts(config: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The method configs an argument of ``config`` holds (``compose``'s list ``methods``,
+    ``multi``'s mapping ``adapters``), each with its place (``methods[1]``, ``adapters.sst``)."""
+    args = (config.get("init_args") or {}) if isinstance(config, dict) else {}
+    parts: list[tuple[str, dict[str, Any]]] = []
+    for key, value in args.items():
+        if holds_methods(value):
+            named = enumerate(value) if isinstance(value, list) else value.items()
+            parts += [(f"{key}[{k}]" if isinstance(value, list) else f"{key}.{k}", v) for k, v in named]
+    return parts
+
+
 def build_method(config: dict[str, Any]) -> Any:
-    """A method from its recipe config alone (composed parts built first)."""
+    """A method from its recipe config alone (nested parts built first)."""
     args = dict(config.get("init_args") or {})
-    if isinstance(args.get("methods"), list):
-        args["methods"] = [build_method(part) for part in args["methods"]]
+    for key, value in args.items():
+        if holds_methods(value):
+            args[key] = ([build_method(v) for v in value] if isinstance(value, list)
+                         else {k: build_method(v) for k, v in value.items()})
     return method_class(config)(**args)
 
 

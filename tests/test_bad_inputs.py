@@ -107,6 +107,9 @@ CASES: dict[str, tuple[list[Callable[[dict, Path], None]], str]] = {
     "compose-part-target": ([setting("model.method", {"class_path": "compose", "init_args": {"methods": [
         {"class_path": "ia3"}, {"class_path": "lora", "init_args": {"targets": ["nope"]}}]}})],
         "model.method.init_args.methods[1].init_args.targets: pattern 'nope' matches no"),
+    "multi-adapter-argument": ([setting("model.method", {"class_path": "multi", "init_args": {"adapters": {
+        "sst": {"class_path": "lora", "init_args": {"r": 0}}, "news": {"class_path": "ia3"}}}})],
+        "model.method.init_args.adapters.sst.init_args.r: expected a positive integer rank, got 0"),
     "compose-no-methods": ([setting("model.method", {"class_path": "compose", "init_args": {"methods": []}})],
                            "expected at least one method"),
     # -- the model's own fields ---------------------------------------------------------------
