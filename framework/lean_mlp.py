@@ -13,7 +13,7 @@ and the gradients are bitwise those of the plain ops (the same kernels in the sa
 The MLP's output ``silu(gate(x)) * up(x)`` is the input of ``down_proj``; a method's layer
 there that saves its input for backward (fw's LoRA branch) can keep ``gate(x)`` and
 ``up(x)`` instead, which :class:`SwiGLU` keeps anyway, and recompute the product
-(:func:`recompute_recipe`): another inner-width tensor per layer less.
+(:mod:`framework.recompute`): another inner-width tensor per layer less.
 
 Only modules whose ``forward`` is transformers' SwiGLU forward (the same bytecode as
 ``LlamaMLP.forward``) with a SiLU activation are changed; any other MLP (BERT's, T5's,
@@ -22,12 +22,13 @@ GeGLU) is left as it is.
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from framework.recompute import has_forward_of, mark, replace_forwards
 
 
 class SwiGLU(torch.autograd.Function):
@@ -46,49 +47,26 @@ class SwiGLU(torch.autograd.Function):
         return grad_gate, grad_up
 
 
-#: the attribute of a tensor the lean MLP made: ``(function, inputs)`` that give it again
-RECOMPUTE = "fw_recompute"
-
-
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` as :class:`SwiGLU`'s forward computes it (bit for bit)."""
     return F.silu(gate) * up
-
-
-def recompute_recipe(t: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, ...]] | None:
-    """``(function, inputs)`` giving ``t`` again, bit for bit, from tensors autograd keeps
-    anyway, when ``t`` is a lean MLP's ``silu(gate) * up``; None otherwise. A method's layer
-    on ``down_proj`` that saves its input for backward may save these inputs instead."""
-    return getattr(t, RECOMPUTE, None)
 
 
 def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     hidden = SwiGLU.apply(gate, up)
     if hidden.requires_grad:  # SwiGLU keeps gate and up for its backward: hidden can come back from them
-        setattr(hidden, RECOMPUTE, (swiglu, (gate, up)))
+        mark(hidden, swiglu, gate, up)
     return self.down_proj(hidden)
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    forward = type(module).forward
-    reference = LlamaMLP.forward.__code__
-    return (
-        getattr(forward, "__code__", None) is not None
-        and forward.__code__.co_code == reference.co_code
-        and forward.__code__.co_names == reference.co_names
-        and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
-        and not module._forward_hooks and not module._forward_pre_hooks
-    )
+    return has_forward_of(module, LlamaMLP.forward) and type(getattr(module, "act_fn", None)).__name__ in (
+        "SiLU", "SiLUActivation")
 
 
 def lean_gated_mlps(model: nn.Module) -> int:
     """Give every SwiGLU MLP of ``model`` the lean forward; returns how many were changed."""
-    changed = 0
-    for module in model.modules():
-        if _is_swiglu_mlp(module) and "forward" not in module.__dict__:
-            module.forward = types.MethodType(_lean_forward, module)
-            changed += 1
-    return changed
+    return replace_forwards(model, _is_swiglu_mlp, _lean_forward)

@@ -20,7 +20,9 @@ from framework.data.text import TextDataModule
 from framework.errors import FieldError
 from framework.finite import NonFiniteTrainingError, explain, grad_norm, is_finite
 from framework.formats.fw import AdapterError, architecture
+from framework.lean_attention import lean_grouped_attention
 from framework.lean_mlp import lean_gated_mlps
+from framework.lean_norm import lean_rms_norms
 from framework.measure import ParamCounts, count_params, numel
 from framework.method import PeftMethod
 from framework.optim import OptimizerName, build_optimizer, param_groups
@@ -56,6 +58,14 @@ class PeftModule(LightningModule):
             outputs for backward and recompute the SiLU there (:mod:`framework.lean_mlp`):
             bitwise the same training, a third less MLP activation memory; false: transformers'
             own forward.
+        lean_norm: Llama-style RMS norms mark their output as recomputable from what they keep,
+            so LoRA layers reading it keep no copy (:mod:`framework.lean_norm`): bitwise the
+            same training, two hidden-width activations per layer less; false: transformers'
+            own forward.
+        lean_attention: models with grouped key/value heads (GQA: Llama 3, SmolLM2, Qwen, ...)
+            train on CPU without repeating the keys and values for each query head
+            (:mod:`framework.lean_attention`): the same forward, two thirds less of their
+            saved keys/values; false: transformers' ``sdpa`` as it is.
         max_nonfinite_steps: how many steps with a NaN/inf loss or gradient are skipped (nothing
             applied) before the run stops; 0 (default): the first one stops it.
     """
@@ -72,6 +82,8 @@ class PeftModule(LightningModule):
         scheduler: Literal["linear", "cosine", "constant"] = "linear",
         gradient_checkpointing: bool = False,
         lean_mlp: bool = True,
+        lean_norm: bool = True,
+        lean_attention: bool = True,
         optimizer: OptimizerName = "adamw",
         max_nonfinite_steps: int = 0,
     ) -> None:
@@ -112,6 +124,8 @@ class PeftModule(LightningModule):
                     "scheduler": scheduler,
                     "gradient_checkpointing": gradient_checkpointing,
                     "lean_mlp": lean_mlp,
+                    "lean_norm": lean_norm,
+                    "lean_attention": lean_attention,
                     "optimizer": optimizer,
                     "max_nonfinite_steps": max_nonfinite_steps,
                 }
@@ -122,6 +136,10 @@ class PeftModule(LightningModule):
         task.configure_model(self.model)
         if lean_mlp:
             lean_gated_mlps(self.model)
+        if lean_norm:
+            lean_rms_norms(self.model)
+        if lean_attention:
+            lean_grouped_attention(self.model)
         self.backbone_params = numel(self.model.parameters())
         self.head_names = head_module_names(self.model)
         self.base_state_keys = set(self.model.state_dict())  # the architecture's own (a merged model has these)

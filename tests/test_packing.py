@@ -13,6 +13,7 @@ from helpers import perturb, tiny_recipe
 from framework.cli import main
 from framework.data import InstructionData
 from framework.errors import FieldError
+from framework.lean_attention import NAME as LEAN_SDPA
 
 
 def _module(build, attention: str | None = None, **task_args):
@@ -20,7 +21,8 @@ def _module(build, attention: str | None = None, **task_args):
     if attention:
         recipe["backbone"]["attn_implementation"] = attention
     module = build(recipe)
-    assert module.model.config._attn_implementation == (attention or "sdpa")
+    # the default: transformers' sdpa, or fw's grouped-query form of it (TINY_LLAMA has GQA)
+    assert module.model.config._attn_implementation == (attention or LEAN_SDPA)
     perturb(module)  # LoRA's B starts at zero: move the adapters so they matter
     module.model.eval()
     return module

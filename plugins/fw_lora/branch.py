@@ -35,7 +35,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from framework.lean_mlp import recompute_recipe
+from framework.recompute import recompute_recipe
 
 
 def rng_state(device: torch.device) -> torch.Tensor:
@@ -89,7 +89,7 @@ class LoRABranch(torch.autograd.Function):
         else:
             dropped = x
         h = F.linear(dropped.to(lora_a.dtype), lora_a) * scaling
-        recipe = recompute_recipe(x)  # x = silu(gate) * up of a lean MLP: keep gate and up, kept anyway
+        recipe = recompute_recipe(x)  # x made by a lean layer: keep what it keeps anyway
         ctx.recompute, inputs = recipe if recipe is not None else (None, (x,))
         ctx.save_for_backward(lora_a, lora_b, h, bits, *inputs)
         return F.linear(h, lora_b)
