@@ -48,8 +48,9 @@ class SwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` as :class:`SwiGLU`'s forward computes it (bit for bit)."""
-    return F.silu(gate) * up
+    """``silu(gate) * up`` as :class:`SwiGLU`'s forward computes it (bit for bit), the product
+    in SiLU's buffer."""
+    return F.silu(gate).mul_(up)
 
 
 def _lean_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

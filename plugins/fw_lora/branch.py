@@ -82,7 +82,7 @@ class LoRABranch(torch.autograd.Function):
         if p > 0 and x.device.type == "cpu":  # F.dropout's steps on CPU, keeping the mask as bits
             noise = torch.empty_like(x).bernoulli_(1 - p)
             bits = pack_bits(noise)
-            dropped = x * noise.div_(1 - p)
+            dropped = noise.div_(1 - p).mul_(x)  # x * mask / (1 - p) in the mask's buffer
         elif p > 0:
             ctx.rng = rng_state(x.device)
             dropped = F.dropout(x, p, training=True)

@@ -149,7 +149,10 @@ class LoRALinear(AdditiveUpdate):
         out = self.base_layer(x)
         if self.merged:
             return out
-        return out + self.lora_update(x).to(out.dtype)
+        update = self.lora_update(x).to(out.dtype)
+        if type(self.base_layer) is nn.Linear:  # a fresh output no op keeps: add in place, one
+            return out.add_(update)  # output-sized buffer less per layer (bitwise the same sum)
+        return out + update
 
     @property
     def dropout_p(self) -> float:
