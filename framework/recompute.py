@@ -4,7 +4,8 @@ A lean layer (:mod:`framework.lean_mlp`, :mod:`framework.lean_norm`) marks its o
 recipe ``(function, inputs)``: ``function(*inputs)`` gives the output again, bit for bit, and
 ``inputs`` are tensors the layer's own backward keeps. A method's layer that would save that
 output for its backward (fw's LoRA branch saves its input to form A's gradient) saves the
-inputs instead, which costs nothing more, and recomputes the output in backward.
+inputs instead, which costs nothing more, and recomputes the output in backward. A tensor
+changed in place after it was marked has no recipe any more (its version counter moved).
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ Recipe = tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 def mark(t: torch.Tensor, function: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-    """Record that ``function(*inputs)`` gives ``t`` again; returns ``t``."""
-    setattr(t, RECOMPUTE, (function, inputs))
+    """Record that ``function(*inputs)`` gives ``t`` (as it is now) again; returns ``t``."""
+    setattr(t, RECOMPUTE, (function, inputs, t._version))
     return t
 
 
 def recompute_recipe(t: torch.Tensor) -> Recipe | None:
     """``(function, inputs)`` giving ``t`` again from tensors autograd keeps anyway, when a
-    lean layer made ``t``; None otherwise."""
-    return getattr(t, RECOMPUTE, None)
+    lean layer made ``t`` and nothing changed it in place since; None otherwise."""
+    marked = getattr(t, RECOMPUTE, None)
+    if marked is None or marked[2] != t._version:
+        return None
+    return marked[0], marked[1]
 
 
 def has_forward_of(module: torch.nn.Module, reference: Callable[..., Any]) -> bool:

@@ -107,3 +107,28 @@ def test_lean_norm_switch(build):
     assert len(norms) == 2 * LAYERS + 1 and all("forward" in m.__dict__ for m in norms)
     assert not any("forward" in m.__dict__ for name, m in off.model.named_modules() if name.endswith("norm"))
     assert lean_rms_norms(on.model) == 0  # already lean: not wrapped twice
+
+
+def test_a_tensor_changed_in_place_after_marking_has_no_recipe():
+    from framework.recompute import mark, recompute_recipe
+
+    x = torch.randn(4, requires_grad=True)
+    y = mark(x * 2, torch.mul, x, torch.tensor(2.0))
+    assert recompute_recipe(y) is not None and torch.equal(recompute_recipe(y)[0](*recompute_recipe(y)[1]), y)
+    with torch.no_grad():
+        y.add_(1)  # what the recipe gives is not y any more
+    assert recompute_recipe(y) is None and recompute_recipe(x) is None
+
+
+def test_lora_adds_in_place_only_into_an_output_nothing_else_holds():
+    from fw_lora import LoRALinear
+
+    layer = LoRALinear(torch.nn.Linear(8, 6), r=2, alpha=4).train()
+    torch.nn.init.normal_(layer.lora_B)  # a non-zero update
+    x = torch.randn(3, 8)
+    expected = layer.base_layer(x) + layer.lora_update(x)
+    assert torch.equal(layer(x), expected)  # in place: bitwise the out-of-place sum
+    seen = []
+    layer.base_layer.register_forward_hook(lambda module, args, out: seen.append(out))
+    assert torch.equal(layer(x), expected)
+    assert torch.equal(seen[0], layer.base_layer(x))  # what the hook holds is the base output

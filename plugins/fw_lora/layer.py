@@ -150,8 +150,8 @@ class LoRALinear(AdditiveUpdate):
         if self.merged:
             return out
         update = self.lora_update(x).to(out.dtype)
-        if type(self.base_layer) is nn.Linear:  # a fresh output no op keeps: add in place, one
-            return out.add_(update)  # output-sized buffer less per layer (bitwise the same sum)
+        if type(self.base_layer) is nn.Linear and not self.base_layer._forward_hooks:
+            return out.add_(update)  # its fresh output, which nothing else holds: one buffer less
         return out + update
 
     @property
