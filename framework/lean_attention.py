@@ -11,9 +11,9 @@ PyTorch's CPU flash-attention kernel takes grouped heads with a mask (``enable_g
 CPU, while training (gradients on), fw calls it with the 3 heads: two hidden-width
 activations per layer become two thirds smaller, and the repeat's copies and their backward
 sum are gone. The forward is bitwise the same; the key/value gradients are the same sums
-in another order (relative differences about 3e-7 in float32, bfloat16's rounding
-(7e-3) in bfloat16). Everything else (CUDA, no mask,
-inference, generation) goes to transformers' own ``sdpa`` unchanged. Registered with
+in another order (relative differences about 3e-7 in float32, bfloat16's rounding, 7e-3, in
+bfloat16). Everything else (CUDA, no mask, inference, generation) goes to transformers' own
+``sdpa`` unchanged. Registered with
 transformers' ``AttentionInterface`` under :data:`NAME` and selected per model with
 ``set_attn_implementation``, so other models in the process keep theirs.
 """
