@@ -13,9 +13,8 @@ activations per layer become two thirds smaller, and the repeat's copies and the
 sum are gone. The forward is bitwise the same; the key/value gradients are the same sums
 in another order (relative differences about 3e-7 in float32, bfloat16's rounding, 7e-3, in
 bfloat16). Everything else (CUDA, no mask, inference, generation) goes to transformers' own
-``sdpa`` unchanged. Registered with
-transformers' ``AttentionInterface`` under :data:`NAME` and selected per model with
-``set_attn_implementation``, so other models in the process keep theirs.
+``sdpa`` unchanged. Registered with transformers' ``AttentionInterface`` under :data:`NAME`
+and selected per model with ``set_attn_implementation``, so other models keep theirs.
 """
 
 from __future__ import annotations
