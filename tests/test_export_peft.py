@@ -115,6 +115,21 @@ def test_peft_loads_fws_export_with_fws_logits(case, tmp_path, tiny_bert_dir, ti
         assert max_diff(again, ours, f"{case} (fw reads its PEFT folder)") <= TOLERANCE
 
 
+def test_a_frozen_classification_head_is_exported_since_peft_loads_one(tmp_path, tiny_bert_dir):
+    """PEFT wraps the head of every SEQ_CLS adapter and reads its tensors on loading: with
+    ``train_head: false`` fw exports the head as it is (it used to leave it out: KeyError)."""
+    config = {**recipe(tiny_bert_dir, "lora", r=4), "train_head": False}
+    module = trained(config)
+    assert not any(p.requires_grad for p in module.model.classifier.parameters())
+    batch = padded_ids()
+    ours = fw_logits(module, batch)
+    write_peft_adapter(module, tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    theirs = peft_logits(peft_model(tiny_bert_dir, False, str(tmp_path / "peft")), batch, ours.shape[1])
+    assert max_diff(theirs, ours, "frozen head (PEFT loads fw's folder)") <= TOLERANCE
+    assert max_diff(fw_logits(reimported(config, str(tmp_path / "peft")), batch), ours, "frozen head (fw)") <= TOLERANCE
+
+
 def test_rslora_and_conv1d_reach_peft_as_settings(tmp_path, tiny_gpt2_dir):
     module = trained(recipe(tiny_gpt2_dir, "lora", LM, r=4, rslora=True, targets=["c_attn"]))
     write_peft_adapter(module, tmp_path)

@@ -57,7 +57,9 @@ def to_peft(module: Any) -> PeftAdapter:
     prefix = prefix_of(peft_type)
     weights = {k if k == "prompt_embeddings" else prefix + k: v for k, v in adapter.weights.items()}
     heads = trained_heads(module)
-    for head in heads:  # trained as they are: the head's stored form is its parameters
+    if module.task.peft_task_type == "SEQ_CLS":  # PEFT wraps and loads a classification head in
+        heads = list(module.head_names)  # every such adapter: it must be there, trained or not
+    for head in heads:  # as they are: the head's stored form is its parameters
         for name, value in module.model.get_submodule(head).named_parameters():
             weights[f"{prefix}{head}.{name}"] = value.detach()
     notes = list(adapter.notes)

@@ -175,7 +175,10 @@ class Adapter:
             elif module.method is None:
                 load_trainable_parameters(module.model, self.state, "full fine-tuning")
             else:
-                module.method.load_stored_state_dict(module.model, self._stored(module))
+                stored = self._stored(module)
+                if self.kind == "peft" and not module.train_head:  # PEFT keeps a classification head in
+                    stored = self._load_head(module, stored)  # every SEQ_CLS adapter: it is the one to use
+                module.method.load_stored_state_dict(module.model, stored)
         except (KeyError, ValueError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise AdapterError(f"{self.label} does not fit the recipe's backbone {self._recipe_backbone(module)}: {message}") from err
@@ -187,6 +190,21 @@ class Adapter:
         head = {k: v for k, v in self.state.items() if any(k.startswith(h + ".") for h in heads)}
         rest = {k: v for k, v in self.state.items() if k not in head}
         return {**module.method.from_peft_weights(module.model, rest), **head}
+
+    @staticmethod
+    def _load_head(module: Any, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copy the head tensors of ``stored`` into ``module``'s (frozen) head; the rest."""
+        head = {k: v for k, v in stored.items() if any(k.startswith(h + ".") for h in module.head_names)}
+        for name, value in head.items():
+            try:
+                target = module.model.get_parameter(name)
+            except AttributeError as err:
+                raise KeyError(f"{name}: the model's head has no such parameter") from err
+            if target.shape != value.shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)}, the model's is {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(value)
+        return {k: v for k, v in stored.items() if k not in head}
 
     @staticmethod
     def _recipe_backbone(module: Any) -> str:
