@@ -165,6 +165,10 @@ def test_generation_left_padded_and_cached_matches_a_full_forward(build, key, ba
         full = module.model(input_ids=alone.sequences).logits[0]
     for step, scores in enumerate(alone.logits):
         torch.testing.assert_close(scores[0], full[4 + step], atol=1e-4, rtol=1e-5)
+    # without a cache generate hands the model the whole text each step (and, in transformers 5,
+    # the cache the last call returned): the same text
+    uncached = module.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=False, **kwargs)
+    assert torch.equal(uncached.sequences, alone.sequences)
 
 
 def test_causal_lm_task_predict_generates_text(build):

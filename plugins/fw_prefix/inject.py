@@ -40,9 +40,10 @@ stacks (``model.get_encoder()``, ``model.get_decoder()``), which ``generate`` al
   every token.
 - after either ``forward``: the check that every block read its prefix.
 
-A decoder call with ``use_cache=False`` always gets a fresh cache holding only the prefix:
-BART returns the cache it was handed even then, and ``generate(use_cache=False)`` passes it
-back with the whole decoder input, which must not be appended to it a second time.
+A decoder call with ``use_cache=False`` (decoder-only or encoder-decoder) always gets a fresh
+cache holding only the prefix: the model returns the cache it was handed even then, and
+``generate(use_cache=False)`` passes it back with the whole input, which must not be appended
+to it a second time.
 
 The forward context (:mod:`framework.forward_context`) is left alone on encoder-decoders: the
 prefix adds no hidden positions, so the mask a stack was called with still describes what
@@ -193,7 +194,7 @@ class PrefixInjector:
         batch, length, device = input_size(kw)
         p = self.prefix_length
         key = cache_keyword(model, kw)
-        cache = kw.get(key)
+        cache = kw.get(key) if kw.get("use_cache") is not False else None  # use_cache=False: see the module docstring
         past = seen_positions(cache)
         if past == 0:
             check_length(self.max_positions, p, length, self.field)
