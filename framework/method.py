@@ -139,6 +139,13 @@ class PeftMethod(ABC):
         returns); a missing, unknown or differently shaped tensor is an error."""
         load_trainable_parameters(model, state_dict, type(self).__name__)
 
+    def has_plain_checkpoints(self) -> bool:
+        """Whether checkpoints hold this method's trainable parameters as they are (neither
+        :meth:`trainable_state_dict` nor its loader overridden): what compose and multi combine."""
+        cls = type(self)
+        return (cls.trainable_state_dict is PeftMethod.trainable_state_dict
+                and cls.load_trainable_state_dict is PeftMethod.load_trainable_state_dict)
+
     def stored_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What a finished run stores for deployment (e.g. a flattened prefix, not its MLP): the
         tensors of fw's adapter format. Floating-point entries count as stored parameters;

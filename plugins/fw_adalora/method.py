@@ -155,14 +155,8 @@ class AdaLoRA(MergeableLayers, PeftMethod):
         return targets_or_roles(model, self.targets, ["query", "value"], field="targets")
 
     def attach(self, model: nn.Module) -> None:
-        found = self.target_modules(model)
-        if not found:
-            raise InvalidArgument("targets", "no module to adapt")
-        for name, layer in found:
-            try:
-                wrapped = SVDLinear(layer, self.init_r, self.alpha, self.dropout, weight_dtype(self.dtype, layer.weight))
-            except TypeError as err:
-                raise InvalidArgument("targets", f"{name}: {err}") from err
+        for name, layer in self.target_modules(model):  # find_modules: Linear-like, at least one
+            wrapped = SVDLinear(layer, self.init_r, self.alpha, self.dropout, weight_dtype(self.dtype, layer.weight))
             set_submodule(model, name, wrapped)
             added = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
             self.record(name, f"AdaLoRA init_r={self.init_r} (+{added:,})")

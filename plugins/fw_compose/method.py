@@ -49,14 +49,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from framework.prepare import PrepareContext
 
 
-def _uses_plain_checkpoints(method: PeftMethod) -> bool:
-    cls = type(method)
-    return (
-        cls.trainable_state_dict is PeftMethod.trainable_state_dict
-        and cls.load_trainable_state_dict is PeftMethod.load_trainable_state_dict
-    )
-
-
 class Compose(PeftMethod):
     """Several methods attached in order to one backbone; they must touch different modules.
 
@@ -72,7 +64,7 @@ class Compose(PeftMethod):
         for i, method in enumerate(methods):
             if not isinstance(method, PeftMethod):
                 raise InvalidArgument(f"methods[{i}]", f"expected a PeftMethod, got {type(method).__name__}")
-            if not _uses_plain_checkpoints(method):
+            if not method.has_plain_checkpoints():
                 raise InvalidArgument(
                     f"methods[{i}]", f"{type(method).__name__} writes its own checkpoint format, so it cannot be "
                     "composed; train it on its own"

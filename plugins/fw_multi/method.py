@@ -70,14 +70,6 @@ def is_virtual_token_method(method: PeftMethod) -> bool:
     return isinstance(method, (PromptTuning, PTuning))
 
 
-def _plain_checkpoints(method: PeftMethod) -> bool:
-    cls = type(method)
-    return (
-        cls.trainable_state_dict is PeftMethod.trainable_state_dict
-        and cls.load_trainable_state_dict is PeftMethod.load_trainable_state_dict
-    )
-
-
 class MultiAdapter(PeftMethod):
     """Several named adapters on one backbone; a batch column routes each example to its adapter.
 
@@ -127,7 +119,7 @@ class MultiAdapter(PeftMethod):
             raise InvalidArgument(f"adapters.{name}", f"expected a PeftMethod, got {type(method).__name__}")
         if isinstance(method, MultiAdapter):
             raise InvalidArgument(f"adapters.{name}", "a multi method cannot be one of multi's adapters")
-        if not _plain_checkpoints(method):
+        if not method.has_plain_checkpoints():
             raise InvalidArgument(
                 f"adapters.{name}", f"{type(method).__name__} writes its own checkpoint format (its weights are not "
                 "plain parameters), so it cannot be one of several named adapters; train it on its own"

@@ -145,12 +145,7 @@ class RoutedVirtualTokens:
             widened(model, kw["attention_mask"])
         if kw.get("position_ids") is not None:
             kw["position_ids"] = extend_positions(kw["position_ids"], p, p if prefill else 0)
-        if kw.get("cache_position") is not None:
-            new = length + (p if prefill else 0)
-            kw["cache_position"] = torch.arange(past, past + new, device=kw["cache_position"].device)
-        self._added = p if prefill else 0
-        self._p = p
-        self._length = length + self._added
+        self._advance(kw, past, length, p, prefill)
         return (), kw
 
     def _with_filler(self, model: nn.Module, kw: dict[str, Any], source: Any, prompted: torch.Tensor) -> dict[str, Any]:
@@ -190,13 +185,16 @@ class RoutedVirtualTokens:
             mark(cache, CACHE_MARK, p)
         else:
             kw["position_ids"] = torch.where(row, positions + p, positions)
-        if kw.get("cache_position") is not None:
-            new = length + (p if prefill else 0)
-            kw["cache_position"] = torch.arange(past, past + new, device=kw["cache_position"].device)
-        self._added = p if prefill else 0
-        self._p = p
-        self._length = length + self._added
+        self._advance(kw, past, length, p, prefill)
         return kw
+
+    def _advance(self, kw: dict[str, Any], past: int, length: int, p: int, prefill: bool) -> None:
+        """The call's ``cache_position`` (the prompt's ``p`` positions first on prefill), and
+        what :meth:`after_forward` takes off the output again."""
+        added = p if prefill else 0
+        if kw.get("cache_position") is not None:
+            kw["cache_position"] = torch.arange(past, past + length + added, device=kw["cache_position"].device)
+        self._added, self._p, self._length = added, p, length + added
 
     def after_forward(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         added, self._added = self._added, 0

@@ -73,15 +73,8 @@ class VeRA(MergeableLayers, PeftMethod):
         return targets_or_roles(model, self.targets, ["query", "value"], field="targets")
 
     def attach(self, model: nn.Module) -> None:
-        found = self.target_modules(model)
-        if not found:
-            raise InvalidArgument("targets", "no module to adapt")
-        dims = []
-        for name, layer in found:
-            try:
-                dims.append(linear_dims(layer))
-            except TypeError as err:
-                raise InvalidArgument("targets", f"{name}: {err}") from err
+        found = self.target_modules(model)  # find_modules: Linear-like, at least one
+        dims = [linear_dims(layer) for _, layer in found]
         in_max, out_max = max(d[0] for d in dims), max(d[1] for d in dims)
         vera_a, vera_b = projections(self.r, in_max, out_max, self.projection_prng_key)
         device = found[0][1].weight.device
