@@ -161,14 +161,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
-def _saved_base(tmp_path_factory: pytest.TempPathFactory, name: str, auto: str, config: dict[str, Any]) -> str:
-    """A random-init model saved as a local pretrained folder: the base a PEFT adapter or a
-    merged model is loaded on outside fw (seed 0, so every test session builds the same)."""
+def hf_model(config: dict[str, Any], auto: str) -> torch.nn.Module:
+    """transformers' ``auto`` class (e.g. ``"AutoModelForCausalLM"``) built from ``config`` (with
+    its ``model_type``), random-init under seed 0, in eval mode: the base of parity tests."""
     import transformers
 
     torch.manual_seed(0)
     fields = dict(config)
-    model = getattr(transformers, auto).from_config(transformers.AutoConfig.for_model(fields.pop("model_type"), **fields))
+    return getattr(transformers, auto).from_config(transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)).eval()
+
+
+def _saved_base(tmp_path_factory: pytest.TempPathFactory, name: str, auto: str, config: dict[str, Any]) -> str:
+    """A random-init model saved as a local pretrained folder: the base a PEFT adapter or a
+    merged model is loaded on outside fw (seed 0, so every test session builds the same)."""
+    model = hf_model(config, auto)
     path = tmp_path_factory.mktemp(name) / "model"
     model.save_pretrained(path)
     return str(path)

@@ -127,3 +127,13 @@ def module_from_adapter(folder: Path, model_config: dict[str, Any], seed: int = 
     module = build_module(updated(model_config, adapter.model_update(model_config)))
     adapter.load_into(module)
     return module.eval()
+
+
+def peft_model(base: str, causal: bool, adapter_dir: str) -> Any:
+    """``PeftModel.from_pretrained`` of ``adapter_dir`` on the float32 ``base`` folder (a causal
+    LM, else a sequence classifier), in eval mode: how a PEFT user loads fw's export."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    return peft.PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32), adapter_dir).eval()

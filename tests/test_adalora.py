@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
-from conftest import TINY_BERT, TINY_LLAMA, TOKENIZER, padded_ids, sentiment_files, write_recipe
+from conftest import TINY_BERT, TINY_LLAMA, TOKENIZER, hf_model, padded_ids, sentiment_files, write_recipe
 from fw_adalora import AdaLoRA
 
 from framework.validation import InvalidArgument
@@ -68,12 +67,6 @@ def test_a_run_too_short_for_the_schedule_is_one_line_naming_the_field(build, fi
 
 # -- parity with Hugging Face PEFT -------------------------------------------------------------
 
-def _hf(config: dict, auto: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    fields = dict(config)
-    return getattr(transformers, auto).from_config(transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)).eval()
-
-
 CASES = {
     "bert": (QUIET_BERT, "AutoModelForSequenceClassification", ["query", "value"]),
     "llama": (TINY_LLAMA, "AutoModelForCausalLM", ["q_proj", "v_proj"]),
@@ -86,7 +79,7 @@ def twins(case: str, seed: int = 0, **extra: Any):
     non-trivial: E non-zero); returns (fw model, fw method, PEFT model, fw name -> PEFT parameter)."""
     peft = pytest.importorskip("peft")
     config, auto, targets = CASES[case]
-    base = _hf(config, auto)
+    base = hf_model(config, auto)
     ours = copy.deepcopy(base).requires_grad_(False)
     method = AdaLoRA(**SCHEDULE, alpha=4.0, **extra)
     torch.manual_seed(seed)
@@ -214,8 +207,8 @@ def _pruned(module) -> dict[str, list[bool]]:
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_fw_and_peft_formats_round_trip_with_the_rank_pattern(kind, tmp_path, request):
-    peft = pytest.importorskip("peft")
-    from helpers import module_from_adapter, trained_module
+    pytest.importorskip("peft")
+    from helpers import module_from_adapter, peft_model, trained_module
 
     from framework.formats.fw import write_fw_adapter
     from framework.formats.peft import write_peft_adapter
@@ -224,7 +217,6 @@ def test_fw_and_peft_formats_round_trip_with_the_rank_pattern(kind, tmp_path, re
     config = {"backbone": {"name_or_path": base, "tokenizer": TOKENIZER},
               "method": {"class_path": "adalora", "init_args": {"init_r": 4, "target_r": 2, "total_step": 20}},
               "task": CLS if kind == "bert" else {"class_path": "CausalLM"}}
-    auto = transformers.AutoModelForSequenceClassification if kind == "bert" else transformers.AutoModelForCausalLM
     module = trained_module(config, seed=1)
     pattern = _pruned(module)
     batch = padded_ids()
@@ -234,7 +226,7 @@ def test_fw_and_peft_formats_round_trip_with_the_rank_pattern(kind, tmp_path, re
     saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "ADALORA" and saved["init_r"] == 4
     assert saved["rank_pattern"] == {f"{n}.lora_E": v for n, v in pattern.items()}
-    theirs = peft.PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32), str(tmp_path / "peft")).eval()
+    theirs = peft_model(base, kind == "llama", str(tmp_path / "peft"))
     kept = {n: p.shape[0] for n, p in theirs.named_parameters() if n.endswith("lora_E.default")}
     assert sorted(kept.values()) == sorted(sum(v) for v in pattern.values())  # PEFT resized its layers
     with torch.no_grad():

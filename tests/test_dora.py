@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import TINY_BERT, TINY_GPT2, TINY_LLAMA, TOKENIZER, padded_ids
+from conftest import TINY_BERT, TINY_GPT2, TINY_LLAMA, TOKENIZER, hf_model, padded_ids
 from fw_dora import DoRA, DoRALinear
 from safetensors.torch import load_file
 
@@ -172,12 +172,6 @@ def test_unmerge_restores_rows_whose_magnitude_is_zero():
 
 # -- parity with Hugging Face PEFT ---------------------------------------------------------------
 
-def _hf(config: dict, auto: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    fields = dict(config)
-    return getattr(transformers, auto).from_config(transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)).eval()
-
-
 CASES = {
     "bert": (QUIET_BERT, "AutoModelForSequenceClassification", ["query", "value"], 0.0),
     "llama": (TINY_LLAMA, "AutoModelForCausalLM", ["q_proj", "v_proj"], 0.0),
@@ -194,7 +188,7 @@ def test_same_weights_same_logits_and_adamw_step_as_peft(case):
     peft = pytest.importorskip("peft")
     config, auto, targets, dropout = CASES[case]
     r, alpha = 4, 8
-    base = _hf(config, auto)
+    base = hf_model(config, auto)
     ours = copy.deepcopy(base).requires_grad_(False)
     DoRA(r=r, alpha=alpha, targets=targets, dropout=dropout).attach(ours)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
@@ -262,13 +256,6 @@ def test_peft_dora_reference_method_trains_the_same_count(build):
 
 # -- the fw format and Hugging Face PEFT's ---------------------------------------------------------
 
-def _build(config: dict, seed: int) -> Any:
-    from framework.cli import build_module
-
-    torch.manual_seed(seed)
-    return build_module(config)
-
-
 def test_fw_format_round_trip(tmp_path, tiny_bert_dir):
     from helpers import module_from_adapter, trained_module
 
@@ -286,8 +273,8 @@ def test_fw_format_round_trip(tmp_path, tiny_bert_dir):
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_peft_form_loads_in_peft_and_back_in_fw_with_the_same_logits(kind, tmp_path, request):
-    peft = pytest.importorskip("peft")
-    from helpers import module_from_adapter, trained_module
+    pytest.importorskip("peft")
+    from helpers import module_from_adapter, peft_model, trained_module
 
     from framework.formats.peft import write_peft_adapter
 
@@ -295,7 +282,6 @@ def test_peft_form_loads_in_peft_and_back_in_fw_with_the_same_logits(kind, tmp_p
     config = {"backbone": {"name_or_path": base, "tokenizer": TOKENIZER},
               "method": {"class_path": "dora", "init_args": {"r": 4, "alpha": 8}}}
     config["task"] = CLS if kind == "bert" else {"class_path": "CausalLM"}
-    auto = transformers.AutoModelForSequenceClassification if kind == "bert" else transformers.AutoModelForCausalLM
     module = trained_module(config, seed=1)
     batch = padded_ids()
     with torch.no_grad():
@@ -305,7 +291,7 @@ def test_peft_form_loads_in_peft_and_back_in_fw_with_the_same_logits(kind, tmp_p
     assert saved["peft_type"] == "LORA" and saved["use_dora"] is True and saved["r"] == 4
     keys = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert sum(k.endswith(".lora_magnitude_vector") for k in keys) == 2 * 2
-    theirs = peft.PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32), str(tmp_path / "peft")).eval()
+    theirs = peft_model(base, kind == "llama", str(tmp_path / "peft"))
     with torch.no_grad():
         exported = (theirs(**batch).logits - ours).abs().max().item()
     assert exported <= 1e-5

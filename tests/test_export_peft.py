@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import TINY_BERT, TOKENIZER, padded_ids, write_recipe
-from helpers import trained_module
+from helpers import peft_model, trained_module
 
 from framework.cli import build_module, main
 from framework.formats.fw import write_fw_adapter
@@ -38,13 +38,6 @@ def trained(model_config: dict[str, Any]):
 def fw_logits(module, batch) -> torch.Tensor:
     with torch.no_grad():
         return module.model(**batch).logits
-
-
-def peft_model(base: str, causal: bool, adapter_dir: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-    return peft.PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32), adapter_dir).eval()
 
 
 def peft_logits(model, batch, length: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import TINY_BERT, TINY_GPT2, TINY_LLAMA, TOKENIZER, padded_ids, perturb_trainable
+from conftest import TINY_BERT, TINY_GPT2, TINY_LLAMA, TOKENIZER, hf_model, padded_ids, perturb_trainable
 from fw_lora import LoRA, LoRALinear
 from fw_lora.branch import lora_branch, plain_lora_branch
 from fw_lora.method import peft_init
@@ -45,12 +45,6 @@ INITS: dict[str, tuple[dict[str, Any], Any]] = {
 }
 
 
-def _hf(config: dict, auto: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    fields = dict(config)
-    return getattr(transformers, auto).from_config(transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)).eval()
-
-
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -72,7 +66,7 @@ def _labels(kind: str, batch: dict) -> torch.Tensor:
 # -- the default is what it was ---------------------------------------------------------------
 
 def test_default_init_is_kaiming_and_draws_exactly_what_lora_drew_before():
-    base = _hf(*CASES["llama"][:2])
+    base = hf_model(*CASES["llama"][:2])
     models = [copy.deepcopy(base).requires_grad_(False) for _ in range(2)]
     torch.manual_seed(3)
     LoRA(r=4).attach(models[0])
@@ -99,7 +93,7 @@ def test_same_seed_same_tensors_start_and_adamw_step_as_peft(case, init, tmp_pat
     config, auto, targets = CASES[case]
     args, peft_value = INITS[init]
     r, alpha = 4, 8
-    base = _hf(config, auto)
+    base = hf_model(config, auto)
     ours = copy.deepcopy(base).requires_grad_(False)
     method = LoRA(r=r, alpha=alpha, **args)
     torch.manual_seed(7)
@@ -182,7 +176,7 @@ def test_gpt2_conv1d_pissa_is_peft_s_and_olora_starts_at_the_base():
     """PEFT transposes GPT-2's Conv1D weight for PiSSA (same tensors here); its OLoRA does not
     (A and B come out with swapped shapes), so fw's OLoRA factors W (out, in) as for Linear."""
     peft = pytest.importorskip("peft")
-    base = _hf(TINY_GPT2, "AutoModelForCausalLM")
+    base = hf_model(TINY_GPT2, "AutoModelForCausalLM")
     batch = padded_ids()
     with torch.no_grad():
         reference = base(**batch).logits

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import TINY_BERT, TINY_LLAMA, TOKENIZER, padded_ids
+from conftest import TINY_BERT, TINY_LLAMA, TOKENIZER, hf_model, padded_ids
 from fw_vera import VeRA, VeRALinear, projections
 from safetensors.torch import load_file
 
@@ -98,12 +98,6 @@ def test_fresh_vera_leaves_logits_unchanged(build):
 
 # -- parity with Hugging Face PEFT ------------------------------------------------------------
 
-def _hf(config: dict, auto: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    fields = dict(config)
-    return getattr(transformers, auto).from_config(transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)).eval()
-
-
 CASES = {
     "bert": (QUIET_BERT, "AutoModelForSequenceClassification", ["query", "value"]),
     "llama": (TINY_LLAMA, "AutoModelForCausalLM", ["q_proj", "v_proj"]),
@@ -115,7 +109,7 @@ def test_same_key_same_matrices_logits_and_adamw_step_as_peft(case):
     peft = pytest.importorskip("peft")
     config, auto, targets = CASES[case]
     r, key = 16, 1234
-    base = _hf(config, auto)
+    base = hf_model(config, auto)
     ours = copy.deepcopy(base).requires_grad_(False)
     VeRA(r=r, projection_prng_key=key).attach(ours)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=r, target_modules=targets, projection_prng_key=key))
@@ -159,7 +153,7 @@ def test_same_key_same_matrices_logits_and_adamw_step_as_peft(case):
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_peft_form_loads_in_peft_and_back_in_fw_with_the_same_logits(kind, tmp_path, request):
     peft = pytest.importorskip("peft")
-    from helpers import module_from_adapter, trained_module
+    from helpers import module_from_adapter, peft_model, trained_module
 
     from framework.formats.peft import write_peft_adapter
 
@@ -176,7 +170,7 @@ def test_peft_form_loads_in_peft_and_back_in_fw_with_the_same_logits(kind, tmp_p
     saved = __import__("json").loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "VERA" and saved["save_projection"] is False and saved["projection_prng_key"] == 7
     with pytest.warns(UserWarning, match="PRNG"):
-        theirs = peft.PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32), str(tmp_path / "peft")).eval()
+        theirs = peft_model(base, kind == "llama", str(tmp_path / "peft"))
     with torch.no_grad():
         assert (theirs(**batch).logits - ours).abs().max() <= 1e-5
     # PEFT's own folder with its default save_projection: true (the matrices saved) reads back into fw
